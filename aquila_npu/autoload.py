@@ -1,0 +1,68 @@
+"""Start-up hook for the Megatron-LM route, imported by ``aquila_npu-autoload.pth``.
+
+The ``.pth`` imports this module only when ``--plugin`` is on the command line or ``AQUILA_NPU_PLUGINS`` is set
+(a parent process of the same job set it). Then:
+
+* in a Megatron-LM script (``torchrun pretrain_gpt.py --plugin aquila2 --model aquila2-7b ...``): expand
+  ``sys.argv`` into Megatron-LM's flags (``aquila_npu.megatron_lm``), select the device, export the choice to child
+  processes, and register the device's patches;
+* in a child process of such a job (``torch_dist`` checkpoint savers, data-loader workers started by spawn):
+  register the same patches;
+* anywhere else (our own ``python -m aquila_npu...`` drivers, the ``torchrun`` launcher): nothing.
+
+Patches apply as their Megatron modules are imported, so nothing here imports Megatron: the script has not yet put
+its own ``megatron`` package on ``sys.path`` when ``.pth`` files run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from aquila_npu import plugin_manager
+from aquila_npu.errors import AquilaNpuError
+
+registry = None  # the applied PatchRegistry of this process, for `aquila-npu plugins --patches` and tests
+
+
+def _is_megatron_script(argv: list[str], orig_argv: list[str]) -> bool:
+    if not argv or not argv[0].endswith(".py"):
+        return False  # -c, -m (our drivers, torch.distributed.run), console scripts such as torchrun
+    return os.path.basename(os.path.dirname(os.path.abspath(argv[0]))) != "aquila_npu"
+
+
+def _activate(device: str) -> None:
+    global registry
+    plugins = plugin_manager.get()
+    plugin_manager.set_active_device(device)
+    registry = plugins.patch_registry(device)
+    registry.apply()
+
+
+def main() -> None:
+    argv, orig_argv = list(sys.argv), list(getattr(sys, "orig_argv", sys.argv))
+    if _is_megatron_script(argv, orig_argv) and any(a == "--plugin" or a.startswith("--plugin=") for a in argv):
+        from aquila_npu import megatron_lm
+
+        plugins = plugin_manager.get()
+        plugins.pm.register(megatron_lm, name="megatron-lm")
+        new_argv, ours, device = megatron_lm.expand_argv(argv[1:], plugins)
+        sys.argv[1:] = new_argv
+        os.environ[plugin_manager.ENV_PLUGINS] = ",".join(ours.plugins)
+        _activate(device)
+        plugins.hook.aquila_npu_initialize_device(device=device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"aquila-npu: plugins {', '.join(ours.plugins)} on {device}; model {ours.model or '(flags)'}; "
+                  f"{len(registry)} patches registered", file=sys.stderr)
+    elif os.environ.get(plugin_manager.ENV_PLUGINS) and os.environ.get(plugin_manager.ENV_DEVICE):
+        from aquila_npu import megatron_lm
+
+        plugin_manager.get().pm.register(megatron_lm, name="megatron-lm")
+        _activate(os.environ[plugin_manager.ENV_DEVICE])
+
+
+try:
+    main()
+except AquilaNpuError as exc:
+    print(f"aquila-npu: error: {exc}", file=sys.stderr)
+    sys.exit(2)

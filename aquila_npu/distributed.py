@@ -1,0 +1,90 @@
+"""Bring up torch.distributed and megatron-core's parallel state on the selected device.
+
+The device plugin chooses the backend (gloo / nccl / hccl), prepares the device and contributes its patches; the
+patches stay applied until ``shutdown``. Under torchrun the usual environment (RANK, WORLD_SIZE, MASTER_ADDR, ...)
+is used; a plain ``python`` process becomes a world of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+
+from aquila_npu import plugin_manager
+from aquila_npu.patching import PatchRegistry
+
+
+@dataclass
+class World:
+    device: str
+    torch_device: object
+    registry: PatchRegistry
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+
+
+_world: World | None = None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+               seed: int = 1234) -> World:
+    """Initialise this process for megatron-core; returns the ``World`` (idempotent within a process)."""
+    global _world
+    if _world is not None:
+        return _world
+    import torch.distributed as dist
+
+    plugins = plugin_manager.get()
+    device = plugins.select_device(device)
+    plugin_manager.set_active_device(device)
+    registry = plugins.patch_registry(device)
+    registry.apply()
+    try:
+        torch_device = plugins.hook.aquila_npu_initialize_device(device=device,
+                                                                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+        if not dist.is_initialized():
+            if "RANK" not in os.environ:  # a plain process: a world of one
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            dist.init_process_group(backend=plugins.backend(device))
+        from megatron.core import parallel_state, tensor_parallel
+
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    except BaseException:
+        registry.revert()
+        raise
+    _world = World(device, torch_device, registry, tensor_model_parallel_size, pipeline_model_parallel_size)
+    return _world
+
+
+def shutdown() -> None:
+    """Tear down the parallel state and the process group, and revert the device's patches."""
+    global _world
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if _world is not None:
+        _world.registry.revert()
+        _world = None
+
+
+@contextlib.contextmanager
+def megatron_world(**kwargs):
+    world = initialize(**kwargs)
+    try:
+        yield world
+    finally:
+        shutdown()

@@ -1,0 +1,66 @@
+"""The GPT layer spec: megatron-core's local (non-Transformer-Engine) modules with the kernel seams open.
+
+``layer_spec(kernels)`` mirrors ``megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec`` for a dense
+RMSNorm/SwiGLU/RoPE decoder, but takes the norm, core attention and MLP activation from a device's ``KernelSet``.
+
+Megatron-LM's ``pretrain_gpt.py`` reads a layer spec through ``--spec MODULE NAME``; the autoload passes
+``--spec aquila_npu.megatron_lm_spec layer_spec`` (the spec for the device selected in this process).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aquila_npu.kernels import KernelSet
+
+
+def layer_spec(kernels: KernelSet):
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=kernels.norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=kernels.core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=kernels.norm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear,
+                    linear_fc2=RowParallelLinear,
+                    activation_func=kernels.activation,
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+            # same checkpoint keys as the Transformer Engine spec, so torch_dist checkpoints load under either
+            sharded_state_dict_keys_map={
+                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+            },
+        ),
+    )
+
+
+def config_overrides(kernels: KernelSet) -> dict[str, Any]:
+    """``TransformerConfig`` fields a kernel set needs (megatron-core only builds the MLP's activation module
+    when ``use_te_activation_func`` is set; the name is historical, any module works)."""
+    return {"use_te_activation_func": kernels.activation is not None}
+

@@ -1,0 +1,134 @@
+"""The Megatron-LM route: turn ``pretrain_gpt.py --plugin aquila2 --model NAME ...`` into Megatron-LM's own flags.
+
+``expand_argv`` is pure (tests call it directly); ``aquila_npu.autoload`` applies it to ``sys.argv`` at start-up.
+Precedence, highest first: the user's flags, the model spec's architecture flags, the device's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aquila_npu.errors import AquilaNpuError
+
+OUR_FLAGS = ("--plugin", "--model", "--device")
+LAYER_SPEC = ("aquila_npu.megatron_lm_spec", "layer_spec")
+
+
+@dataclass
+class OurArgs:
+    plugins: list[str] = field(default_factory=list)
+    model: str | None = None
+    device: str | None = None
+
+
+def split_our_args(argv: list[str]) -> tuple[OurArgs, list[str]]:
+    """Take ``--plugin`` (repeatable, comma-separated), ``--model`` and ``--device`` out of ``argv``."""
+    ours, rest = OurArgs(), []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        flag, eq, value = token.partition("=")
+        if flag in OUR_FLAGS:
+            if not eq:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    raise AquilaNpuError(f"{flag} needs a value (e.g. --plugin aquila2 --model aquila2-7b)")
+                value = argv[i + 1]
+                i += 1
+            if flag == "--plugin":
+                ours.plugins.extend(v for v in value.split(",") if v)
+            elif flag == "--model":
+                ours.model = value
+            else:
+                ours.device = value
+        else:
+            rest.append(token)
+        i += 1
+    return ours, rest
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(token == flag or token.startswith(flag + "=") for token in argv)
+
+
+def merge_flags(argv: list[str], *layers: dict[str, str | None]) -> list[str]:
+    """Append each flag of ``layers`` (earlier layers win) that ``argv`` does not already give."""
+    out = list(argv)
+    for flags in layers:
+        for flag, value in flags.items():
+            if _given(out, flag):
+                continue
+            out.append(flag)
+            if value is not None:
+                out.append(value)
+    return out
+
+
+def expand_argv(argv: list[str], plugins) -> tuple[list[str], OurArgs, str]:
+    """``argv`` (without the program name) for Megatron-LM; returns (new argv, our arguments, the device)."""
+    ours, rest = split_our_args(argv)
+    plugins.require(ours.plugins)
+    model_flags: dict[str, str | None] = {}
+    if ours.model:
+        _, spec = plugins.find_model(ours.model, ours.plugins)
+        model_flags = spec.megatron_lm_flags()
+    device = plugins.select_device(ours.device)
+    spec_flags = {} if _given(rest, "--spec") else {"--spec": None}
+    out = merge_flags(rest, model_flags, plugins.megatron_defaults(device), spec_flags)
+    if "--spec" in spec_flags:
+        index = out.index("--spec")
+        out[index + 1:index + 1] = list(LAYER_SPEC)
+    return out, ours, device
+
+
+# --------------------------------------------------------------------------------------------- route patches
+# This module is registered as the plugin "megatron-lm" by the autoload, on the Megatron-LM route only.
+from aquila_npu.hookspecs import hookimpl  # noqa: E402
+
+
+def _wheel_dataset_helpers() -> str | None:
+    """The prebuilt C++ dataset helpers of the installed megatron-core wheel, if they exist."""
+    import glob
+    import importlib.metadata
+    import sysconfig
+
+    try:
+        dist = importlib.metadata.distribution("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+    found = glob.glob(str(dist.locate_file("megatron/core/datasets")) + f"/helpers_cpp{suffix}")
+    return found[0] if found else None
+
+
+def _checkout_has_helpers(script: str) -> bool:
+    import glob
+    import os
+
+    return bool(glob.glob(os.path.join(os.path.dirname(os.path.abspath(script)), "megatron", "core", "datasets",
+                                       "helpers_cpp*.so")))
+
+
+@hookimpl
+def aquila_npu_register_patches(registry, device):
+    import sys
+
+    wheel_helpers = _wheel_dataset_helpers()
+    if wheel_helpers and sys.argv and not _checkout_has_helpers(sys.argv[0]):
+        def load_wheel_helpers():
+            import importlib.machinery
+            import importlib.util
+
+            name = "megatron.core.datasets.helpers_cpp"
+            loader = importlib.machinery.ExtensionFileLoader(name, wheel_helpers)
+            spec = importlib.util.spec_from_file_location(name, wheel_helpers, loader=loader)
+            module = importlib.util.module_from_spec(spec)
+            loader.exec_module(module)
+            return module
+
+        registry.register_module_stub(
+            "megatron.core.datasets.helpers_cpp", load_wheel_helpers, owner="megatron-lm",
+            reason="the checkout's C++ dataset helpers are not built (Megatron-LM runs `make` with pybind11 at "
+                   "start-up); use the identical prebuilt ones from the installed megatron-core wheel")
+        registry.register(
+            "megatron.core.datasets.utils.compile_helpers", lambda original: lambda: None, owner="megatron-lm",
+            reason="nothing to compile: the dataset helpers come prebuilt from the megatron-core wheel")

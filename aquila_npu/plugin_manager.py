@@ -1,0 +1,147 @@
+"""Finds plugins (entry-point group ``aquila_npu.plugins``) and answers questions through their hooks.
+
+Nothing here knows a model family or a device by name: models come from ``aquila_npu_model_family`` hooks and
+devices from ``aquila_npu_devices`` hooks. Loading a plugin must stay cheap (no torch import at module level).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import pluggy
+
+from aquila_npu import hookspecs
+from aquila_npu.errors import AquilaNpuError
+from aquila_npu.patching import PatchRegistry
+from aquila_npu.specs import ModelFamily, ModelSpec
+
+ENTRY_POINT_GROUP = "aquila_npu.plugins"
+# set by the autoload for every process of a Megatron-LM job (child processes inherit them)
+ENV_PLUGINS = "AQUILA_NPU_PLUGINS"
+ENV_DEVICE = "AQUILA_NPU_DEVICE"
+
+
+class Plugins:
+    """A pluggy ``PluginManager`` with aquila-npu's lookups on top."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self.hook = pm.hook
+
+    # ------------------------------------------------------------------ plugins
+    def names(self) -> list[str]:
+        return sorted(name for name, plugin in self.pm.list_name_plugin() if plugin is not None)
+
+    def require(self, names: Iterable[str]) -> None:
+        """Fail with one line when a requested plugin is not installed."""
+        for name in names:
+            if self.pm.get_plugin(name) is None:
+                raise AquilaNpuError(f"unknown plugin {name!r}; installed plugins: {', '.join(self.names())}")
+
+    def hooks_of(self, name: str) -> list[str]:
+        plugin = self.pm.get_plugin(name)
+        return sorted(impl.name for impl in self.pm.get_hookcallers(plugin) or ())
+
+    # ------------------------------------------------------------------ model families
+    def families(self, plugin_names: Iterable[str] | None = None) -> dict[str, ModelFamily]:
+        """Model families by name, optionally only those declared by ``plugin_names``."""
+        if plugin_names is not None:
+            plugin_names = list(plugin_names)
+            self.require(plugin_names)
+        results = [impl.function() for impl in self.hook.aquila_npu_model_family.get_hookimpls()
+                   if plugin_names is None or impl.plugin_name in plugin_names]
+        return {family.name: family for family in results if family is not None}
+
+    def model_names(self, plugin_names: Iterable[str] | None = None) -> list[str]:
+        return [name for family in self.families(plugin_names).values() for name in family.spec_names()]
+
+    def find_model(self, name: str, plugin_names: Iterable[str] | None = None) -> tuple[ModelFamily, ModelSpec]:
+        """The family and spec called ``name``; one clear line naming the known models otherwise."""
+        families = self.families(plugin_names)
+        for family in families.values():
+            for spec in family.specs:
+                if spec.name == name:
+                    return family, spec
+        known = ", ".join(self.model_names(plugin_names)) or "none (install a model-family plugin)"
+        raise AquilaNpuError(f"unknown model {name!r}; known models: {known}")
+
+    def family_for_hf_config(self, hf_config: dict) -> ModelFamily:
+        for family in self.families().values():
+            if family.recognises(hf_config):
+                return family
+        arch = hf_config.get("architectures") or hf_config.get("model_type")
+        raise AquilaNpuError(f"no installed model family reads Hugging Face architecture {arch!r}; "
+                             f"installed families: {', '.join(self.families())}")
+
+    # ------------------------------------------------------------------ devices
+    def devices(self) -> dict[str, int]:
+        """Known devices and their priorities, highest first."""
+        merged: dict[str, int] = {}
+        for result in self.hook.aquila_npu_devices():
+            merged.update(result or {})
+        return dict(sorted(merged.items(), key=lambda item: -item[1]))
+
+    def device_available(self, device: str) -> bool:
+        return bool(self.hook.aquila_npu_device_available(device=device))
+
+    def select_device(self, requested: str | None = None) -> str:
+        """``requested`` if it is known and available, else the available device with the highest priority."""
+        devices = self.devices()
+        if requested and requested != "auto":
+            if requested not in devices:
+                raise AquilaNpuError(f"unknown device {requested!r}; known devices: {', '.join(devices)}")
+            if not self.device_available(requested):
+                why = self.hook.aquila_npu_device_unavailable_reason(device=requested) or "not available"
+                raise AquilaNpuError(f"device {requested!r} was requested but is not available: {why}")
+            return requested
+        for device in devices:
+            if self.device_available(device):
+                return device
+        raise AquilaNpuError(f"no usable device among {', '.join(devices)}; is the cpu plugin installed?")
+
+    def backend(self, device: str) -> str:
+        return self.hook.aquila_npu_distributed_backend(device=device)
+
+    def kernels(self, device: str):
+        kernels = self.hook.aquila_npu_kernels(device=device)
+        if kernels is None:
+            from aquila_npu.kernels import reference_kernels
+
+            kernels = reference_kernels()
+        return kernels
+
+    def megatron_defaults(self, device: str) -> dict[str, str | None]:
+        return dict(self.hook.aquila_npu_megatron_defaults(device=device) or {})
+
+    def patch_registry(self, device: str) -> PatchRegistry:
+        """A fresh registry holding every plugin's patches for ``device`` (not applied yet)."""
+        registry = PatchRegistry()
+        self.hook.aquila_npu_register_patches(registry=registry, device=device)
+        return registry
+
+
+_plugins: Plugins | None = None
+_active_device: str | None = None
+
+
+def get() -> Plugins:
+    """The process-wide plugin set: every installed plugin, loaded once through entry points."""
+    global _plugins
+    if _plugins is None:
+        pm = pluggy.PluginManager(hookspecs.PROJECT)
+        pm.add_hookspecs(hookspecs)
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _plugins = Plugins(pm)
+    return _plugins
+
+
+def set_active_device(device: str) -> None:
+    global _active_device
+    _active_device = device
+    os.environ[ENV_DEVICE] = device
+
+
+def active_device() -> str:
+    """The device this process runs on: set by initialisation, inherited from the parent, or auto-selected."""
+    return _active_device or os.environ.get(ENV_DEVICE) or get().select_device()

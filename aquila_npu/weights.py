@@ -1,0 +1,120 @@
+"""Hugging Face Llama/Aquila2 weight layout <-> megatron-core ``GPTModel`` layout, one tensor-parallel rank at a time.
+
+Megatron-core packs attention as ``linear_qkv``: per query group, that group's query heads, then one key head and
+one value head; tensor parallelism splits it by whole groups. The SwiGLU ``linear_fc1`` holds, on each rank, that
+rank's chunk of the gate projection followed by its chunk of the up projection. Row-parallel layers (``linear_proj``,
+``linear_fc2``) split the input dimension; the vocabulary is padded, then split; norms are replicated.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import torch
+
+from aquila_npu.specs import ModelSpec
+
+HF_LAYER = "model.layers.{i}."
+MC_LAYER = "decoder.layers.{i}."
+
+
+def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec, tp_size: int = 1,
+             tp_rank: int = 0) -> torch.Tensor:
+    """HF ``q/k/v_proj`` weights -> this rank's megatron-core ``linear_qkv`` weight."""
+    groups, d, hidden = spec.num_query_groups, spec.kv_channels, spec.hidden_size
+    heads_per_group = spec.num_attention_heads // groups
+    packed = torch.cat([q.reshape(groups, heads_per_group * d, hidden), k.reshape(groups, d, hidden),
+                        v.reshape(groups, d, hidden)], dim=1)
+    return packed.chunk(tp_size, dim=0)[tp_rank].reshape(-1, hidden)
+
+
+def pad_vocab(weight: torch.Tensor, padded_size: int) -> torch.Tensor:
+    """Rows beyond the tokenizer's vocabulary are zeros (they never receive a token)."""
+    if weight.shape[0] == padded_size:
+        return weight
+    return torch.cat([weight, weight.new_zeros(padded_size - weight.shape[0], weight.shape[1])])
+
+
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec, tp_size: int = 1, tp_rank: int = 0,
+                   layers: range | None = None, pre_process: bool = True,
+                   post_process: bool = True) -> dict[str, torch.Tensor]:
+    """The megatron-core state dict of one tensor-parallel rank (and pipeline stage, given its global ``layers``).
+
+    Layer indices in the result are local to the stage, as megatron-core numbers them.
+    """
+    layers = range(spec.num_layers) if layers is None else layers
+    padded = spec.padded_vocab_size(tp_size)
+    out: dict[str, torch.Tensor] = {}
+    if pre_process:
+        out["embedding.word_embeddings.weight"] = pad_vocab(hf["model.embed_tokens.weight"], padded).chunk(
+            tp_size)[tp_rank]
+    for local, i in enumerate(layers):
+        src, dst = HF_LAYER.format(i=i), MC_LAYER.format(i=local)
+        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
+        out[dst + "self_attention.linear_qkv.weight"] = pack_qkv(
+            hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
+            hf[src + "self_attn.v_proj.weight"], spec, tp_size, tp_rank)
+        out[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"].chunk(
+            tp_size, dim=1)[tp_rank]
+        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"].chunk(tp_size)[tp_rank],
+                                                        hf[src + "mlp.up_proj.weight"].chunk(tp_size)[tp_rank]])
+        out[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"].chunk(tp_size, dim=1)[tp_rank]
+    if post_process:
+        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+        output = hf["lm_head.weight"] if spec.untie_embeddings_and_output_weights else hf["model.embed_tokens.weight"]
+        key = "output_layer.weight" if spec.untie_embeddings_and_output_weights else None
+        if key:
+            out[key] = pad_vocab(output, padded).chunk(tp_size)[tp_rank]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state`` into ``model``; every parameter must be covered (Transformer Engine's ``_extra_state``
+    buffers aside), and shapes must match exactly."""
+    missing, unexpected = [], set(state)
+    for name, tensor in _named_weights(model):
+        if name not in state:
+            missing.append(name)
+            continue
+        unexpected.discard(name)
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(state[name].shape)} != model {tuple(tensor.shape)}")
+        with torch.no_grad():
+            tensor.copy_(state[name])
+    if missing or unexpected:
+        raise ValueError(f"weights do not match the model: missing {missing[:5]}, unexpected {sorted(unexpected)[:5]}")
+
+
+def _named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not name.endswith("_extra_state"):
+            yield name, tensor
+
+
+def llama_config_dict(spec: ModelSpec, bos_token_id: int | None = None, eos_token_id: int | None = None,
+                      pad_token_id: int | None = None) -> dict:
+    """A ``config.json`` that ``transformers`` loads as ``LlamaForCausalLM`` (same weights as Aquila2's own)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_act": "silu",
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers,
+        "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_query_groups,
+        "head_dim": spec.kv_channels,
+        "max_position_embeddings": spec.max_position_embeddings,
+        "vocab_size": spec.vocab_size,
+        "rms_norm_eps": spec.norm_epsilon,
+        "rope_theta": spec.rotary_base,
+        "tie_word_embeddings": not spec.untie_embeddings_and_output_weights,
+        "attention_bias": spec.add_bias_linear,
+        "mlp_bias": spec.add_bias_linear,
+        "initializer_range": spec.init_method_std,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "pad_token_id": pad_token_id,
+        "torch_dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[spec.params_dtype],
+    }

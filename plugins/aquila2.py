@@ -1,0 +1,48 @@
+"""The Aquila2 model family (BAAI): 7B, 34B, 70B-Expr, and a tiny variant for tests.
+
+This file is the only place in aquila-npu that knows Aquila2. Figures are those of the published checkpoints
+(2023 releases with the 100,008-token tokenizer; see README "Which Aquila2"): RMSNorm (eps 1e-5), SwiGLU,
+rotate-half RoPE with base 10000, no linear biases, untied embeddings, head dim 128.
+"""
+
+from aquila_npu.hookspecs import hookimpl
+from aquila_npu.specs import ModelFamily, ModelSpec, TokenizerDefaults
+
+VOCAB_SIZE = 100_008  # 100,000 BPE entries + 8 special tokens
+
+SPECS = (
+    ModelSpec(name="aquila2-7b", num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
+              num_query_groups=32, seq_length=2048, max_position_embeddings=2048, vocab_size=VOCAB_SIZE,
+              params_dtype="fp16", description="Aquila2-7B / AquilaChat2-7B (MHA)"),
+    ModelSpec(name="aquila2-34b", num_layers=60, hidden_size=6144, ffn_hidden_size=24576, num_attention_heads=48,
+              num_query_groups=8, seq_length=4096, max_position_embeddings=4096, vocab_size=VOCAB_SIZE,
+              params_dtype="bf16", description="Aquila2-34B / AquilaChat2-34B (GQA, 8 groups)"),
+    ModelSpec(name="aquila2-70b-expr", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+              num_attention_heads=64, num_query_groups=8, seq_length=4096, max_position_embeddings=4096,
+              vocab_size=VOCAB_SIZE, params_dtype="bf16", description="Aquila2-70B-Expr (GQA, 8 groups)"),
+    ModelSpec(name="aquila2-tiny", num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=8,
+              num_query_groups=4, seq_length=256, max_position_embeddings=256, vocab_size=VOCAB_SIZE,
+              params_dtype="fp32", description="2-layer Aquila2 with GQA, for tests and the CPU quickstart"),
+)
+
+FAMILY = ModelFamily(
+    name="aquila2",
+    specs=SPECS,
+    tokenizer=TokenizerDefaults(
+        tokenizer_type="PretrainedFromHF",
+        bos_token_id=100006,  # [CLS]
+        eos_token_id=100007,  # </s>, also the end-of-document token
+        pad_token_id=0,       # <|endoftext|>
+        eod_token_id=100007,
+        add_bos_token=True,   # BAAI: the HF tokenizer adds none; prepend BOS for SFT and inference
+    ),
+    # Aquila2's own configs say AquilaForCausalLM; converted checkpoints say LlamaForCausalLM (same weights)
+    hf_architectures=("AquilaForCausalLM", "LlamaForCausalLM"),
+    hf_model_types=("aquila", "llama"),
+    description="BAAI Aquila2 (7B, 34B, 70B-Expr)",
+)
+
+
+@hookimpl
+def aquila_npu_model_family():
+    return FAMILY

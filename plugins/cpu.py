@@ -1,0 +1,176 @@
+"""The CPU device: gloo collectives, reference kernels, and the bridge that lets Megatron run without CUDA.
+
+Megatron assumes CUDA in many places (see ``../shared/notes/megatron-on-cpu.md`` in the development notes and
+``aquila_npu.plugins.cpu_bridge``). Everything this plugin changes is a registered patch with its reason, listed by
+``aquila-npu plugins --patches --device cpu``; the Megatron flags it needs are defaults beneath the user's flags.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from aquila_npu.hookspecs import hookimpl
+
+DEVICE = "cpu"
+
+# Megatron modules that call torch.cuda.* or put tensors on "cuda" on the paths aquila-npu uses (model, tensor and
+# pipeline parallelism, optimizer, checkpointing, Megatron-LM's training loop). Each gets the CPU-bridged ``torch``.
+MEGATRON_CUDA_CALLERS = (
+    "megatron.core.parallel_state",
+    "megatron.core.utils",
+    "megatron.core.timers",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.utils",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.transformer.mlp",
+    "megatron.core.transformer.module",
+    "megatron.core.transformer.transformer_layer",
+    "megatron.core.transformer.utils",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.distributed_data_parallel_config",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.datasets.blended_megatron_dataset_builder",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.training.arguments",
+    "megatron.training.checkpointing",
+    "megatron.training.initialize",
+    "megatron.training.training",
+    "megatron.training.utils",
+)
+
+
+@hookimpl
+def aquila_npu_devices():
+    return {DEVICE: 100}
+
+
+@hookimpl
+def aquila_npu_device_available(device):
+    return True if device == DEVICE else None
+
+
+@hookimpl
+def aquila_npu_distributed_backend(device):
+    return "gloo" if device == DEVICE else None
+
+
+@hookimpl
+def aquila_npu_initialize_device(device, local_rank):
+    if device != DEVICE:
+        return None
+    import os
+
+    import torch
+
+    # Megatron-LM asserts this for tensor parallelism (it orders CUDA kernel launches; meaningless on the CPU)
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    return torch.device("cpu")
+
+
+@hookimpl
+def aquila_npu_megatron_defaults(device):
+    if device != DEVICE:
+        return None
+    return {
+        "--distributed-backend": "gloo",
+        "--transformer-impl": "local",
+        # CUDA-only fusions and extensions
+        "--no-rope-fusion": None,
+        "--no-persist-layer-norm": None,
+        "--no-gradient-accumulation-fusion": None,
+        "--no-masked-softmax-fusion": None,
+        "--no-bias-swiglu-fusion": None,
+        "--no-bias-dropout-fusion": None,
+        # weights are made on the CPU anyway; this way they do not depend on the tensor-parallel size
+        "--use-cpu-initialization": None,
+    }
+
+
+@hookimpl
+def aquila_npu_kernels(device):
+    if device != DEVICE:
+        return None
+    from aquila_npu.kernels import reference_kernels
+
+    return reference_kernels()
+
+
+@hookimpl
+def aquila_npu_register_patches(registry, device):
+    if device != DEVICE:
+        return
+    import torch
+
+    from aquila_npu.plugins import cpu_bridge
+
+    for module in MEGATRON_CUDA_CALLERS:
+        registry.register(
+            f"{module}.torch", lambda original: cpu_bridge.torch_for_megatron(), owner=DEVICE,
+            reason="calls torch.cuda.* / device='cuda'; sees a torch whose CUDA means the CPU (scoped to Megatron)")
+    registry.register(
+        "megatron.core.tensor_parallel.random._get_cuda_rng_state",
+        lambda original: lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state(),
+        owner=DEVICE, reason="the model-parallel RNG tracker keeps its per-rank states in the CPU generator")
+    registry.register(
+        "megatron.core.tensor_parallel.random._set_cuda_rng_state",
+        lambda original: lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state),
+        owner=DEVICE, reason="CPU torch silently ignores CUDA RNG state; restore the tracker's CPU generator state")
+    registry.register(
+        "torch.Tensor.cuda", lambda original: cpu_bridge.tensor_cuda, owner=DEVICE,
+        reason="Megatron moves batches and buffers with .cuda(); without CUDA they stay on the CPU")
+    registry.register(
+        "torch.nn.Module.cuda", lambda original: cpu_bridge.module_cuda, owner=DEVICE,
+        reason="Megatron-LM's get_model() calls model.cuda(); without CUDA the model stays on the CPU")
+    for target in ("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+                   "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
+                   "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups"):
+        registry.register(
+            target, cpu_bridge.with_cuda_type_names, owner=DEVICE,
+            reason="asserts or dispatches on tensor.type() == 'torch.cuda.FloatTensor' (and Half/BFloat16); "
+                   "runs with CPU tensors reporting the CUDA type names")
+    registry.register(
+        "megatron.legacy.fused_kernels.load", lambda original: lambda args: None, owner=DEVICE,
+        reason="Megatron-LM's initialisation probes nvcc under CUDA_HOME for its legacy fused kernels; "
+               "there are no CUDA kernels to load on the CPU")
+    if importlib.util.find_spec("triton") is None:
+        registry.register_module_stub(
+            "megatron.core.transformer.custom_layers.batch_invariant_kernels", _batch_invariant_stub, owner=DEVICE,
+            reason="imports triton at module level (Megatron-LM's initialize imports it); batch-invariant mode "
+                   "is a GPU feature, so without triton it is a stand-in that refuses to be enabled")
+
+
+def _batch_invariant_stub():
+    import types
+
+    module = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
+
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("batch-invariant mode needs triton and a GPU; it is not available on the cpu device")
+
+    module.enable_batch_invariant_mode = unavailable
+    module.is_batch_invariant_mode_enabled = lambda: False
+
+    def __getattr__(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return unavailable
+
+    module.__getattr__ = __getattr__
+    return module
