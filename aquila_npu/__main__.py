@@ -1,0 +1,107 @@
+"""``aquila-npu`` / ``python -m aquila_npu``: list plugins and patches, run the CPU quickstart.
+
+Subcommands:
+  plugins     installed plugins, their hooks, model specs and devices (``--model NAME``: one spec in detail;
+              ``--patches``: the patches a device registers)
+  quickstart  the seed workflow end to end on aquila2-tiny, on whatever device this machine has
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aquila_npu.errors import AquilaNpuError
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max([len(c)] + [len(str(r.get(c, ""))) for r in rows]) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns).rstrip(),
+             "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from aquila_npu import plugin_manager
+
+    plugins = plugin_manager.get()
+    selected = args.plugin or None
+    if selected:
+        plugins.require(selected)
+    if args.patches:
+        device = plugins.select_device(args.device)
+        registry = plugins.patch_registry(device)
+        print(f"patches registered for device {device} ({len(registry)}):")
+        print(_table(registry.rows(), ["owner", "target", "reason"]))
+        return 0
+    if args.model:
+        family, spec = plugins.find_model(args.model, selected)
+        print(f"{spec.name} ({family.name}): {spec.description}")
+        for key, value in vars(spec).items():
+            print(f"  {key:32} {value}")
+        print("Megatron-LM flags: " + " ".join(f"{k} {v}" if v is not None else k
+                                               for k, v in spec.megatron_lm_flags().items()))
+        return 0
+    rows = []
+    for name in plugins.names():
+        if selected and name not in selected:
+            continue
+        module = plugins.pm.get_plugin(name)
+        rows.append({"plugin": name, "module": getattr(module, "__name__", str(module)),
+                     "hooks": ", ".join(h.removeprefix("aquila_npu_") for h in plugins.hooks_of(name))})
+    print("plugins (entry-point group aquila_npu.plugins):")
+    print(_table(rows, ["plugin", "module", "hooks"]))
+    specs = []
+    for family in plugins.families(selected).values():
+        for s in family.specs:
+            specs.append({"model": s.name, "family": family.name, "layers": s.num_layers, "hidden": s.hidden_size,
+                          "ffn": s.ffn_hidden_size, "heads": s.num_attention_heads, "kv groups": s.num_query_groups,
+                          "seq": s.seq_length, "vocab": s.vocab_size, "rope base": f"{s.rotary_base:g}",
+                          "eps": f"{s.norm_epsilon:g}", "dtype": s.params_dtype})
+    print("\nmodel specs:")
+    print(_table(specs, ["model", "family", "layers", "hidden", "ffn", "heads", "kv groups", "seq", "vocab",
+                         "rope base", "eps", "dtype"]))
+    devices = [{"device": d, "priority": p, "available": "yes" if plugins.device_available(d) else "no",
+                "backend": plugins.backend(d) or ""} for d, p in plugins.devices().items()]
+    print("\ndevices (automatic selection takes the first available):")
+    print(_table(devices, ["device", "priority", "available", "backend"]))
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from aquila_npu import quickstart
+
+    return quickstart.run(quickstart.QuickstartOptions(
+        workdir=args.workdir, tokenizer=args.tokenizer, device=args.device, skip_tp2=args.skip_tp2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aquila-npu", description="Aquila2 on unmodified Megatron, via plugins.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plugins", help="list plugins, model specs, devices and patches")
+    p.add_argument("--plugin", action="append", default=[], help="only this plugin (repeatable)")
+    p.add_argument("--model", help="show one model spec and its Megatron-LM flags")
+    p.add_argument("--patches", action="store_true", help="list the patches registered for the device")
+    p.add_argument("--device", default=None, help="device for --patches (default: automatic)")
+    p.set_defaults(func=cmd_plugins)
+    q = sub.add_parser("quickstart", help="run the seed workflow on aquila2-tiny (a few minutes on 2 CPU cores)")
+    q.add_argument("--workdir", default="quickstart-out", help="where the stages write (default: %(default)s)")
+    q.add_argument("--tokenizer", default=None, help="Aquila2 tokenizer folder (default: the bundled sample)")
+    q.add_argument("--device", default=None, help="cpu, cuda or npu (default: automatic)")
+    q.add_argument("--skip-tp2", action="store_true", help="skip the two-process tensor-parallel stage")
+    q.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except AquilaNpuError as exc:
+        print(f"aquila-npu: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

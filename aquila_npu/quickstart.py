@@ -1,0 +1,115 @@
+"""The CPU quickstart: the seed workflow end to end on ``aquila2-tiny``, stage by stage.
+
+Stages so far: a random Aquila2-shaped Hugging Face checkpoint, the Aquila2 tokenizer, the megatron-core model from
+our spec (one process, then two tensor-parallel processes), and logit parity against ``transformers``. Later stages
+of the workflow (preprocess -> pretrain -> finetune -> convert -> generate -> evaluate) are appended here as they
+land.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aquila_npu.errors import AquilaNpuError
+
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "examples" / "data" / "aquila2_tokenizer"
+PARITY_TOLERANCE_HF = 1e-4  # megatron-core vs transformers, fp32
+PARITY_TOLERANCE_TP = 1e-5  # TP=2 vs TP=1, fp32
+
+
+@dataclass
+class QuickstartOptions:
+    workdir: str = "quickstart-out"
+    tokenizer: str | None = None
+    device: str | None = None
+    skip_tp2: bool = False
+    model: str = "aquila2-tiny"
+
+
+def _tokenizer_dir(option: str | None) -> str:
+    candidates = [option] if option else [str(BUNDLED_TOKENIZER), "examples/data/aquila2_tokenizer",
+                                          "../shared/data/aquila2_tokenizer"]
+    for candidate in candidates:
+        if candidate and os.path.isfile(os.path.join(candidate, "tokenizer.json")):
+            return candidate
+    raise AquilaNpuError(f"no Aquila2 tokenizer (tokenizer.json) in {candidates[0]}; pass --tokenizer DIR")
+
+
+def _megatron_logits(hf_dir: str, tokens_file: str, out: str, tp: int, device: str | None):
+    from safetensors.torch import load_file
+
+    command = [sys.executable, "-m", "aquila_npu.parity", "--hf-dir", hf_dir, "--tokens", tokens_file, "--out", out]
+    if device:
+        command += ["--device", device]
+    if tp > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
+                   *command[1:]]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode != 0:
+        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+        raise AquilaNpuError(f"megatron-core at TP={tp} failed (exit {result.returncode}):\n{tail}")
+    return load_file(out)["logits"]
+
+
+def run(options: QuickstartOptions) -> int:
+    from aquila_npu import parity, plugin_manager
+
+    plugins = plugin_manager.get()
+    device = plugins.select_device(options.device)
+    _, spec = plugins.find_model(options.model)
+    work = Path(options.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    stages: list[dict] = []
+    failed = False
+
+    def stage(name: str, detail: str, started: float, ok: bool = True) -> None:
+        stages.append({"stage": name, "result": "ok" if ok else "FAIL", "seconds": f"{time.perf_counter() - started:.1f}",
+                       "detail": detail})
+        print(f"[{'ok' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+
+    print(f"aquila-npu quickstart: {spec.name} on {device} ({plugins.backend(device)}), work folder {work}", flush=True)
+
+    t = time.perf_counter()
+    hf_dir = str(work / "hf-random")
+    parity.save_random_hf_model(spec, hf_dir)
+    stage("model", f"random {spec.name} in Hugging Face layout at {hf_dir}", t)
+
+    t = time.perf_counter()
+    tokens = parity.encode(_tokenizer_dir(options.tokenizer))
+    tokens_file = str(work / "tokens.json")
+    with open(tokens_file, "w", encoding="utf-8") as f:
+        json.dump(tokens.tolist(), f)
+    stage("tokenize", f"{tokens.shape[0]} texts x {tokens.shape[1]} tokens with the Aquila2 tokenizer", t)
+
+    t = time.perf_counter()
+    reference = parity.hf_logits(hf_dir, tokens)
+    stage("transformers", "reference logits from LlamaForCausalLM", t)
+
+    t = time.perf_counter()
+    tp1 = _megatron_logits(hf_dir, tokens_file, str(work / "logits-tp1.safetensors"), 1, options.device)
+    diff = (tp1 - reference).abs().max().item()
+    ok = diff <= PARITY_TOLERANCE_HF
+    failed |= not ok
+    stage("megatron-core TP=1", f"max |logit diff| vs transformers {diff:.2e} (tolerance {PARITY_TOLERANCE_HF:g})",
+          t, ok)
+
+    if not options.skip_tp2:
+        t = time.perf_counter()
+        tp2 = _megatron_logits(hf_dir, tokens_file, str(work / "logits-tp2.safetensors"), 2, options.device)
+        diff = (tp2 - tp1).abs().max().item()
+        ok = diff <= PARITY_TOLERANCE_TP
+        failed |= not ok
+        stage("megatron-core TP=2", f"2 processes; max |logit diff| vs TP=1 {diff:.2e} "
+                                    f"(tolerance {PARITY_TOLERANCE_TP:g})", t, ok)
+
+    from aquila_npu.__main__ import _table
+
+    print("\n" + _table(stages, ["stage", "result", "seconds", "detail"]))
+    print("\nquickstart " + ("FAILED" if failed else "passed"))
+    return 1 if failed else 0
