@@ -3,7 +3,7 @@
 Subcommands:
   plugins     installed plugins, their hooks, model specs and devices (``--model NAME``: one spec in detail;
               ``--patches``: the patches a device registers)
-  quickstart  the seed workflow end to end on aquila2-tiny, on whatever device this machine has
+  quickstart  the seed workflow end to end on a tiny model, on whatever device this machine has
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from aquila_npu import quickstart
 
     return quickstart.run(quickstart.QuickstartOptions(
-        workdir=args.workdir, tokenizer=args.tokenizer, device=args.device, skip_tp2=args.skip_tp2))
+        workdir=args.workdir, tokenizer=args.tokenizer, device=args.device, skip_tp2=args.skip_tp2, model=args.model))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,10 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patches", action="store_true", help="list the patches registered for the device")
     p.add_argument("--device", default=None, help="device for --patches (default: automatic)")
     p.set_defaults(func=cmd_plugins)
-    q = sub.add_parser("quickstart", help="run the seed workflow on aquila2-tiny (a few minutes on 2 CPU cores)")
+    q = sub.add_parser("quickstart", help="run the seed workflow on a tiny model (a few minutes on 2 CPU cores)")
     q.add_argument("--workdir", default="quickstart-out", help="where the stages write (default: %(default)s)")
     q.add_argument("--tokenizer", default=None, help="Aquila2 tokenizer folder (default: the bundled sample)")
     q.add_argument("--device", default=None, help="cpu, cuda or npu (default: automatic)")
+    q.add_argument("--model", default=None, help="model spec (default: the model family's smoke-test model)")
     q.add_argument("--skip-tp2", action="store_true", help="skip the two-process tensor-parallel stage")
     q.set_defaults(func=cmd_quickstart)
     return parser

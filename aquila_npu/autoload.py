@@ -3,7 +3,7 @@
 The ``.pth`` imports this module only when ``--plugin`` is on the command line or ``AQUILA_NPU_PLUGINS`` is set
 (a parent process of the same job set it). Then:
 
-* in a Megatron-LM script (``torchrun pretrain_gpt.py --plugin aquila2 --model aquila2-7b ...``): expand
+* in a Megatron-LM script (``torchrun pretrain_gpt.py --plugin FAMILY --model NAME ...``): expand
   ``sys.argv`` into Megatron-LM's flags (``aquila_npu.megatron_lm``), select the device, export the choice to child
   processes, and register the device's patches;
 * in a child process of such a job (``torch_dist`` checkpoint savers, data-loader workers started by spawn):
@@ -45,8 +45,8 @@ def main() -> None:
         from aquila_npu import megatron_lm
 
         plugins = plugin_manager.get()
-        plugins.pm.register(megatron_lm, name="megatron-lm")
         new_argv, ours, device = megatron_lm.expand_argv(argv[1:], plugins)
+        plugins.pm.register(megatron_lm, name="megatron-lm")
         sys.argv[1:] = new_argv
         os.environ[plugin_manager.ENV_PLUGINS] = ",".join(ours.plugins)
         _activate(device)
@@ -64,5 +64,6 @@ def main() -> None:
 try:
     main()
 except AquilaNpuError as exc:
-    print(f"aquila-npu: error: {exc}", file=sys.stderr)
-    sys.exit(2)
+    print(f"aquila-npu: error: {exc}", file=sys.stderr, flush=True)
+    # SystemExit cannot leave a .pth file cleanly (Python reports a fatal error in `site`)
+    os._exit(2)

@@ -31,7 +31,7 @@ def split_our_args(argv: list[str]) -> tuple[OurArgs, list[str]]:
         if flag in OUR_FLAGS:
             if not eq:
                 if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                    raise AquilaNpuError(f"{flag} needs a value (e.g. --plugin aquila2 --model aquila2-7b)")
+                    raise AquilaNpuError(f"{flag} needs a value (see `aquila-npu plugins` for plugin and model names)")
                 value = argv[i + 1]
                 i += 1
             if flag == "--plugin":

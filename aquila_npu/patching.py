@@ -36,7 +36,7 @@ class Patch:
     """One replacement of ``target`` (``package.module.attribute`` or ``package.module.Class.attribute``)."""
 
     target: str
-    # called with the original object (or None when the attribute does not exist) and returns the replacement
+    # called with the original object and returns the replacement
     factory: Callable[[Any], Any]
     reason: str
     owner: str = ""
@@ -123,11 +123,7 @@ class PatchRegistry:
                         delattr(sys.modules[parent], child)
                     patch._original, patch._holder = _MISSING, None
                 elif patch.state == "applied":
-                    attribute = patch.target.rsplit(".", 1)[1]
-                    if patch._original is _MISSING:
-                        delattr(patch._holder, attribute)
-                    else:
-                        setattr(patch._holder, attribute, patch._original)
+                    setattr(patch._holder, patch.target.rsplit(".", 1)[1], patch._original)
                     patch._original, patch._holder = _MISSING, None
                 patch.state = "reverted" if patch.state in ("applied", "pending") else patch.state
 
@@ -158,7 +154,10 @@ class PatchRegistry:
         raw = holder.__dict__.get(attribute, _MISSING) if isinstance(holder, type) else _MISSING
         descriptor = type(raw) if isinstance(raw, (staticmethod, classmethod)) else None
         original = raw.__func__ if descriptor else getattr(holder, attribute, _MISSING)
-        replacement = patch.factory(None if original is _MISSING else original)
+        if original is _MISSING:
+            raise AquilaNpuError(f"patch target {patch.target} does not exist in the installed version "
+                                 f"({patch.owner or 'no owner'}: {patch.reason})")
+        replacement = patch.factory(original)
         patch._holder = holder
         patch._original = raw if descriptor else original
         setattr(holder, attribute, descriptor(replacement) if descriptor else replacement)

@@ -1,4 +1,4 @@
-"""The CPU quickstart: the seed workflow end to end on ``aquila2-tiny``, stage by stage.
+"""The CPU quickstart: the seed workflow end to end on the model family's tiny model, stage by stage.
 
 Stages so far: a random Aquila2-shaped Hugging Face checkpoint, the Aquila2 tokenizer, the megatron-core model from
 our spec (one process, then two tensor-parallel processes), and logit parity against ``transformers``. Later stages
@@ -18,7 +18,9 @@ from pathlib import Path
 
 from aquila_npu.errors import AquilaNpuError
 
-BUNDLED_TOKENIZER = Path(__file__).resolve().parent.parent / "examples" / "data" / "aquila2_tokenizer"
+# sample data: the repository's examples/data (source checkout or current folder), then the shared data set
+DATA_ROOTS = (Path(__file__).resolve().parent.parent / "examples" / "data", Path("examples") / "data",
+              Path("..") / "shared" / "data")
 PARITY_TOLERANCE_HF = 1e-4  # megatron-core vs transformers, fp32
 PARITY_TOLERANCE_TP = 1e-5  # TP=2 vs TP=1, fp32
 
@@ -29,16 +31,16 @@ class QuickstartOptions:
     tokenizer: str | None = None
     device: str | None = None
     skip_tp2: bool = False
-    model: str = "aquila2-tiny"
+    model: str | None = None  # default: the smoke-test model of the installed model family
 
 
-def _tokenizer_dir(option: str | None) -> str:
-    candidates = [option] if option else [str(BUNDLED_TOKENIZER), "examples/data/aquila2_tokenizer",
-                                          "../shared/data/aquila2_tokenizer"]
+def _tokenizer_dir(option: str | None, family) -> str:
+    sample = family.tokenizer.sample_dir
+    candidates = [option] if option else [str(root / sample) for root in DATA_ROOTS if sample]
     for candidate in candidates:
         if candidate and os.path.isfile(os.path.join(candidate, "tokenizer.json")):
             return candidate
-    raise AquilaNpuError(f"no Aquila2 tokenizer (tokenizer.json) in {candidates[0]}; pass --tokenizer DIR")
+    raise AquilaNpuError(f"no tokenizer.json in {' or '.join(candidates) or 'the sample data'}; pass --tokenizer DIR")
 
 
 def _megatron_logits(hf_dir: str, tokens_file: str, out: str, tp: int, device: str | None):
@@ -57,12 +59,19 @@ def _megatron_logits(hf_dir: str, tokens_file: str, out: str, tp: int, device: s
     return load_file(out)["logits"]
 
 
+def _default_model(plugins) -> str:
+    models = [f.smoke_test_model for f in plugins.families().values() if f.smoke_test_model]
+    if len(models) != 1:
+        raise AquilaNpuError(f"choose the quickstart model with --model (candidates: {', '.join(models) or 'none'})")
+    return models[0]
+
+
 def run(options: QuickstartOptions) -> int:
     from aquila_npu import parity, plugin_manager
 
     plugins = plugin_manager.get()
     device = plugins.select_device(options.device)
-    _, spec = plugins.find_model(options.model)
+    family, spec = plugins.find_model(options.model or _default_model(plugins))
     work = Path(options.workdir)
     work.mkdir(parents=True, exist_ok=True)
     stages: list[dict] = []
@@ -81,11 +90,11 @@ def run(options: QuickstartOptions) -> int:
     stage("model", f"random {spec.name} in Hugging Face layout at {hf_dir}", t)
 
     t = time.perf_counter()
-    tokens = parity.encode(_tokenizer_dir(options.tokenizer))
+    tokens = parity.encode(_tokenizer_dir(options.tokenizer, family))
     tokens_file = str(work / "tokens.json")
     with open(tokens_file, "w", encoding="utf-8") as f:
         json.dump(tokens.tolist(), f)
-    stage("tokenize", f"{tokens.shape[0]} texts x {tokens.shape[1]} tokens with the Aquila2 tokenizer", t)
+    stage("tokenize", f"{tokens.shape[0]} texts x {tokens.shape[1]} tokens with the {family.name} tokenizer", t)
 
     t = time.perf_counter()
     reference = parity.hf_logits(hf_dir, tokens)

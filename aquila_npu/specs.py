@@ -183,6 +183,8 @@ class TokenizerDefaults:
     eod_token_id: int | None = None
     # the HF tokenizer adds no BOS by itself; prepend it for fine-tuning and inference
     add_bos_token: bool = False
+    # folder name of the tokenizer sample under examples/data (and the shared data set)
+    sample_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,8 @@ class ModelFamily:
     # HF ``architectures`` / ``model_type`` values whose config.json this family can read
     hf_architectures: tuple[str, ...] = ()
     hf_model_types: tuple[str, ...] = ()
+    # the small spec the quickstart and smoke tests run by default
+    smoke_test_model: str | None = None
     description: str = ""
 
     def spec(self, name: str) -> ModelSpec:

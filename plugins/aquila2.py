@@ -35,10 +35,12 @@ FAMILY = ModelFamily(
         pad_token_id=0,       # <|endoftext|>
         eod_token_id=100007,
         add_bos_token=True,   # BAAI: the HF tokenizer adds none; prepend BOS for SFT and inference
+        sample_dir="aquila2_tokenizer",
     ),
     # Aquila2's own configs say AquilaForCausalLM; converted checkpoints say LlamaForCausalLM (same weights)
     hf_architectures=("AquilaForCausalLM", "LlamaForCausalLM"),
     hf_model_types=("aquila", "llama"),
+    smoke_test_model="aquila2-tiny",
     description="BAAI Aquila2 (7B, 34B, 70B-Expr)",
 )
 

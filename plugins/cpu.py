@@ -38,7 +38,6 @@ MEGATRON_CUDA_CALLERS = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.utils",
     "megatron.core.distributed.distributed_data_parallel",
-    "megatron.core.distributed.distributed_data_parallel_config",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.distrib_optimizer",

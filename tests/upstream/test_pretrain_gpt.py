@@ -1,0 +1,45 @@
+"""The Megatron-LM route: unmodified `pretrain_gpt.py` with `--plugin aquila2`, on this machine's device.
+
+Needs a Megatron-LM checkout (tag core_v0.16.1) at MEGATRON_LM_PATH; skipped otherwise. CI runs without it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from conftest import run_python
+
+MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
+pytestmark = [
+    pytest.mark.upstream,
+    pytest.mark.slow,
+    pytest.mark.skipif(not MEGATRON_LM_PATH, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tag "
+                                                    "core_v0.16.1) to test the pretrain_gpt.py --plugin route"),
+]
+LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss: ([0-9.E+-]+) \|")
+
+
+def test_pretrain_gpt_runs_with_the_plugin_at_tp2(tmp_path, tokenizer_dir):
+    script = Path(MEGATRON_LM_PATH) / "pretrain_gpt.py"
+    assert script.is_file(), f"{script} not found: MEGATRON_LM_PATH must be a Megatron-LM checkout"
+    result = run_python(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+        "--plugin", "aquila2", "--model", "aquila2-tiny", "--tensor-model-parallel-size", "2",
+        "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir),
+        "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+        "--lr", "1e-4", "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "0",
+        "--save", str(tmp_path / "ckpt"), "--save-interval", "3", "--ckpt-format", "torch_dist",
+        cwd=MEGATRON_LM_PATH, timeout=900)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    losses = [(int(m.group(1)), float(m.group(3))) for m in LOSS.finditer(output)]
+    assert [i for i, _ in losses] == [1, 2, 3]
+    assert all(math.isfinite(loss) and 5 < loss < 13 for _, loss in losses)
+    assert "aquila-npu: plugins aquila2 on" in output
+    # torch_dist save ran (in every process of the job) and completed
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
