@@ -48,7 +48,9 @@ def main() -> None:
         new_argv, ours, device = megatron_lm.expand_argv(argv[1:], plugins)
         plugins.pm.register(megatron_lm, name="megatron-lm")
         sys.argv[1:] = new_argv
+        # child processes of the job (torch_dist savers, spawned workers) re-activate from these
         os.environ[plugin_manager.ENV_PLUGINS] = ",".join(ours.plugins)
+        os.environ[plugin_manager.ENV_DEVICE] = device
         _activate(device)
         plugins.hook.aquila_npu_initialize_device(device=device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         if int(os.environ.get("RANK", "0")) == 0:

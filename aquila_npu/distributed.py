@@ -51,11 +51,11 @@ def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, p
         torch_device = plugins.hook.aquila_npu_initialize_device(device=device,
                                                                  local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         if not dist.is_initialized():
-            if "RANK" not in os.environ:  # a plain process: a world of one
-                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(_free_port()))
-                os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-            dist.init_process_group(backend=plugins.backend(device))
+            if "RANK" in os.environ:  # torchrun (or another launcher) set up the rendezvous
+                dist.init_process_group(backend=plugins.backend(device))
+            else:  # a plain process: a world of one, without touching the environment children inherit
+                dist.init_process_group(backend=plugins.backend(device), rank=0, world_size=1,
+                                        init_method=f"tcp://127.0.0.1:{_free_port()}")
         from megatron.core import parallel_state, tensor_parallel
 
         parallel_state.initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)

@@ -139,7 +139,6 @@ def get() -> Plugins:
 def set_active_device(device: str) -> None:
     global _active_device
     _active_device = device
-    os.environ[ENV_DEVICE] = device
 
 
 def active_device() -> str:
