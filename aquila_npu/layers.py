@@ -59,6 +59,17 @@ def layer_spec(kernels: KernelSet):
     )
 
 
+def block_spec(kernels: KernelSet, config, vp_stage: int | None = None):
+    """The decoder block for this pipeline stage: ``layer_spec`` repeated, and the final norm from the kernels
+    too (given only a layer spec, megatron-core would take its module-level default norm, which supports neither
+    sequence parallelism nor the device's kernel)."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layer = layer_spec(kernels)
+    return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=kernels.norm)
+
+
 def config_overrides(kernels: KernelSet) -> dict[str, Any]:
     """``TransformerConfig`` fields a kernel set needs (megatron-core only builds the MLP's activation module
     when ``use_te_activation_func`` is set; the name is historical, any module works)."""

@@ -112,6 +112,16 @@ def _checkout_has_helpers(script: str) -> bool:
 def aquila_npu_register_patches(registry, device):
     import sys
 
+    def device_norm(original):
+        from aquila_npu import plugin_manager
+
+        return plugin_manager.get().kernels(device).norm
+
+    registry.register(
+        "megatron.core.transformer.transformer_block.LayerNormImpl", device_norm, owner="megatron-lm",
+        reason="given a layer spec (--spec), megatron-core builds the block's final norm from this module-level "
+               "default (Apex/torch), not from the spec; use the device's norm, which supports sequence parallelism")
+
     wheel_helpers = _wheel_dataset_helpers()
     if wheel_helpers and sys.argv and not _checkout_has_helpers(sys.argv[0]):
         def load_wheel_helpers():

@@ -39,7 +39,7 @@ def build_gpt_model(spec: ModelSpec, *, kernels=None, pre_process: bool | None =
         post_process = parallel_state.is_pipeline_last_stage()
     return GPTModel(
         config=config,
-        transformer_layer_spec=layers.layer_spec(kernels),
+        transformer_layer_spec=layers.block_spec(kernels, config),
         vocab_size=spec.padded_vocab_size(tp),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre_process,

@@ -80,10 +80,12 @@ def megatron_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
     weights.load_into(model, weights.hf_to_megatron(
         hf_state, spec, parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_rank()))
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
         logits = model(tokens, positions, None)
-    return logits[..., :spec.vocab_size].float()
+    return logits[..., :spec.vocab_size].float().cpu()
 
 
 def main(argv=None) -> int:

@@ -25,7 +25,9 @@ class RMSNorm(torch.nn.Module):
         super().__init__()
         self.config = config
         self.eps = eps
-        device = "cpu" if config.use_cpu_initialization else None
+        # where megatron-core's own layers put their weights (torch_npu's bridge maps torch.cuda to the NPU)
+        on_accelerator = not config.use_cpu_initialization and torch.cuda.is_available()
+        device = torch.cuda.current_device() if on_accelerator else "cpu"
         self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 

@@ -64,8 +64,8 @@ def fake_megatron_script(tmp_path) -> Path:
 
 
 def test_plugin_expands_argv_and_patches_reach_child_processes(fake_megatron_script):
-    result = run_python(str(fake_megatron_script), "--plugin", "aquila2", "--model", "aquila2-tiny",
-                        "--num-layers", "4", "--tensor-model-parallel-size", "2", check=True)
+    result = run_python(str(fake_megatron_script), "--plugin", "aquila2", "--model", "aquila2-tiny", "--device",
+                        "cpu", "--num-layers", "4", "--tensor-model-parallel-size", "2", check=True)
     report = json.loads(result.stdout.strip().splitlines()[-1])
     argv = report["argv"]
     assert "--plugin" not in argv and "--model" not in argv

@@ -45,6 +45,19 @@ def test_logit_parity_with_transformers_tp1(megatron_world, hf_dir, sample_token
     assert (ours - theirs).abs().max().item() <= HF_TOLERANCE
 
 
+def test_every_norm_is_the_device_kernel(megatron_world, tiny_spec):
+    """The final norm too: megatron-core would otherwise take its own default for it."""
+    from aquila_npu import plugin_manager
+    from aquila_npu.model import build_gpt_model
+
+    norm = plugin_manager.get().kernels(megatron_world.device).norm
+    model = build_gpt_model(tiny_spec)
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    norms = [m for name, m in model.named_modules() if name.endswith("layernorm") and not isinstance(m, IdentityOp)]
+    assert len(norms) == 2 * tiny_spec.num_layers + 1 and all(type(m) is norm for m in norms)
+
+
 def test_parity_detects_a_wrong_weight_mapping(megatron_world, tiny_hf_dir, sample_tokens, monkeypatch):
     """The check can fail: swapping the two norms of each layer (same shapes) is caught."""
     original = weights.hf_to_megatron
