@@ -61,7 +61,7 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
-def megatron_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+def megatron_logits(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
     """Full-vocabulary logits of the megatron-core model on this rank's slice (call ``distributed.initialize``
     first). The spec is derived from ``config.json``; weights are read from the safetensors files."""
     from megatron.core import parallel_state
@@ -76,7 +76,8 @@ def megatron_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
     for name in sorted(os.listdir(hf_dir)):
         if name.endswith(".safetensors"):
             hf_state.update(load_file(os.path.join(hf_dir, name)))
-    model = build_gpt_model(spec, parallel_output=False, params_dtype=torch.float32).eval()
+    model = build_gpt_model(spec, parallel_output=False, params_dtype=torch.float32,
+                            sequence_parallel=sequence_parallel).eval()
     weights.load_into(model, weights.hf_to_megatron(
         hf_state, spec, parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_rank()))
@@ -95,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="where rank 0 writes the logits (safetensors)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     parser.add_argument("--device", default=None)
+    parser.add_argument("--sequence-parallel", action="store_true")
     args = parser.parse_args(argv)
 
     from safetensors.torch import save_file
@@ -104,7 +106,7 @@ def main(argv=None) -> int:
     with open(args.tokens, encoding="utf-8") as f:
         tokens = torch.tensor(json.load(f), dtype=torch.long)
     with distributed.megatron_world(device=args.device, tensor_model_parallel_size=args.tensor_model_parallel_size):
-        logits = megatron_logits(args.hf_dir, tokens)
+        logits = megatron_logits(args.hf_dir, tokens, args.sequence_parallel)
         if torch.distributed.get_rank() == 0:
             tmp = args.out + ".tmp"
             save_file({"logits": logits.contiguous()}, tmp)

@@ -92,6 +92,17 @@ def test_tensor_parallel_2_gives_the_tp1_logits(tmp_path, variant, tiny_hf_dir, 
     assert (outputs[2] - reference).abs().max().item() <= HF_TOLERANCE
 
 
+@pytest.mark.slow
+def test_sequence_parallel_gives_the_same_logits(tmp_path, tiny_hf_dir, tokens_file, sample_tokens):
+    """The seed trains with --sequence-parallel: the norms (our kernel) must run on sequence shards."""
+    out = tmp_path / "logits-tp2-sp.safetensors"
+    run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "aquila_npu.parity",
+               "--hf-dir", str(tiny_hf_dir), "--tokens", str(tokens_file), "--out", str(out), "--device", "cpu",
+               "--sequence-parallel", check=True)
+    reference = parity.hf_logits(str(tiny_hf_dir), sample_tokens)
+    assert (load_file(str(out))["logits"] - reference).abs().max().item() <= HF_TOLERANCE
+
+
 def test_vocab_padding_rows_are_zero_and_sliced_off(tiny_spec):
     hf = {"model.embed_tokens.weight": torch.randn(tiny_spec.vocab_size, 8)}
     padded = weights.pad_vocab(hf["model.embed_tokens.weight"], tiny_spec.padded_vocab_size(16))
