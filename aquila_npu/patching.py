@@ -29,6 +29,7 @@ from typing import Any, Callable
 from aquila_npu.errors import AquilaNpuError
 
 _MISSING = object()
+_INHERITED = object()
 
 
 @dataclass
@@ -51,10 +52,6 @@ class Patch:
     def __post_init__(self) -> None:
         if not self.name:
             self.name = self.target
-
-    @property
-    def module(self) -> str:
-        return self.target.rsplit(".", 1)[0]
 
 
 class PatchRegistry:
@@ -123,11 +120,15 @@ class PatchRegistry:
                         delattr(sys.modules[parent], child)
                     patch._original, patch._holder = _MISSING, None
                 elif patch.state == "applied":
-                    setattr(patch._holder, patch.target.rsplit(".", 1)[1], patch._original)
+                    attribute = patch.target.rsplit(".", 1)[1]
+                    if patch._original is _INHERITED:
+                        delattr(patch._holder, attribute)
+                    else:
+                        setattr(patch._holder, attribute, patch._original)
                     patch._original, patch._holder = _MISSING, None
                 patch.state = "reverted" if patch.state in ("applied", "pending") else patch.state
 
-    def _module_imported(self, module_name: str) -> None:
+    def _module_imported(self) -> None:
         with self._lock:
             for patch in self._patches:
                 if patch.state == "pending":
@@ -159,7 +160,9 @@ class PatchRegistry:
                                  f"({patch.owner or 'no owner'}: {patch.reason})")
         replacement = patch.factory(original)
         patch._holder = holder
-        patch._original = raw if descriptor else original
+        # a method a class inherits is patched on that class; reverting deletes it again
+        inherited = isinstance(holder, type) and raw is _MISSING
+        patch._original = _INHERITED if inherited else raw if descriptor else original
         setattr(holder, attribute, descriptor(replacement) if descriptor else replacement)
         patch.state = "applied"
 
@@ -203,20 +206,20 @@ class _PostImportHook(importlib.abc.MetaPathFinder):
             self._busy.active = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        spec.loader = _LoaderThenPatch(spec.loader, self.registry, fullname)
+        spec.loader = _LoaderThenPatch(spec.loader, self.registry)
         return spec
 
 
 class _LoaderThenPatch(importlib.abc.Loader):
-    def __init__(self, loader, registry: PatchRegistry, fullname: str) -> None:
-        self._loader, self._registry, self._fullname = loader, registry, fullname
+    def __init__(self, loader, registry: PatchRegistry) -> None:
+        self._loader, self._registry = loader, registry
 
     def create_module(self, spec):
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        self._registry._module_imported(self._fullname)
+        self._registry._module_imported()
 
     def __getattr__(self, name):
         return getattr(self._loader, name)

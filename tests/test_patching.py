@@ -22,7 +22,11 @@ def fresh_package(tmp_path, monkeypatch):
         def answer():
             return 42
 
-        class Box:
+        class Base:
+            def describe(self):
+                return "base"
+
+        class Box(Base):
             @staticmethod
             def make():
                 return "static"
@@ -72,13 +76,16 @@ def test_static_and_class_methods_stay_what_they_were(fresh_package):
     registry = PatchRegistry()
     registry.register(f"{fresh_package}.mod.Box.make", lambda orig: lambda: orig() + "!", reason="test")
     registry.register(f"{fresh_package}.mod.Box.build", lambda orig: lambda cls: orig(cls) * 2, reason="test")
+    registry.register(f"{fresh_package}.mod.Box.describe", lambda orig: lambda self: "box", reason="inherited")
     registry.apply()
+    assert mod.Box().describe() == "box" and mod.Base().describe() == "base"
     assert mod.Box.make() == "static!" and mod.Box().make() == "static!"
     assert mod.Box.build() == "BoxBox"
     registry.revert()
     assert mod.Box.make() == "static" and mod.Box.build() == "Box"
     assert isinstance(mod.Box.__dict__["make"], staticmethod)
     assert isinstance(mod.Box.__dict__["build"], classmethod)
+    assert "describe" not in mod.Box.__dict__ and mod.Box().describe() == "base"
 
 
 def test_module_stub_stands_in_until_reverted(fresh_package):
