@@ -1,6 +1,7 @@
 """``aquila-npu`` / ``python -m aquila_npu``: list plugins and patches, run the CPU quickstart.
 
 Subcommands:
+  convert     Hugging Face <-> Megatron checkpoint conversion (``python -m aquila_npu.convert``)
   plugins     installed plugins, their hooks, model specs and devices (``--model NAME``: one spec in detail;
               ``--patches``: the patches a device registers)
   quickstart  the seed workflow end to end on a tiny model, on whatever device this machine has
@@ -79,6 +80,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aquila-npu", description="Aquila2 on unmodified Megatron, via plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron (see convert --help)")
     p = sub.add_parser("plugins", help="list plugins, model specs, devices and patches")
     p.add_argument("--plugin", action="append", default=[], help="only this plugin (repeatable)")
     p.add_argument("--model", help="show one model spec and its Megatron-LM flags")
@@ -95,7 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# verbs with a command line of their own: `aquila-npu VERB ...` is `python -m aquila_npu.VERB ...`
+VERBS = {"convert": "aquila_npu.convert.__main__"}
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in VERBS:
+        import importlib
+
+        return importlib.import_module(VERBS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -2,6 +2,7 @@
 
 ``python -m aquila_npu.parity --hf-dir D --tokens T.json --out logits.safetensors`` computes the megatron-core
 logits of a Hugging Face checkpoint at any tensor-parallel size (run it under ``torchrun``); rank 0 writes them.
+``--megatron-dir D`` instead loads a converted per-rank Megatron checkpoint with megatron-core's own loader.
 The quickstart and the tests compare them with ``transformers``' logits.
 """
 
@@ -21,7 +22,8 @@ SAMPLE_TEXTS = (
 )
 
 
-def save_random_hf_model(spec, path: str, seed: int = 0) -> str:
+def save_random_hf_model(spec, path: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                         max_shard_size: str | None = None) -> str:
     """A random ``LlamaForCausalLM`` shaped like ``spec`` (Aquila2's exact weight layout), saved as safetensors.
 
     Every weight is random, norms included (all-ones norms would hide a swapped norm in a weight mapping).
@@ -39,7 +41,8 @@ def save_random_hf_model(spec, path: str, seed: int = 0) -> str:
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
                     param.copy_(1.0 + 0.1 * torch.randn_like(param))
-    model.save_pretrained(path, safe_serialization=True)
+    model.to(dtype).save_pretrained(path, safe_serialization=True,
+                                    **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
 
@@ -65,17 +68,13 @@ def megatron_logits(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool =
     """Full-vocabulary logits of the megatron-core model on this rank's slice (call ``distributed.initialize``
     first). The spec is derived from ``config.json``; weights are read from the safetensors files."""
     from megatron.core import parallel_state
-    from safetensors.torch import load_file
 
-    from aquila_npu import plugin_manager, specs, weights
+    from aquila_npu import plugin_manager, weights
+    from aquila_npu.convert.hf_format import load_state, read_spec
     from aquila_npu.model import build_gpt_model
 
-    config = specs.load_hf_config(hf_dir)
-    spec = plugin_manager.get().family_for_hf_config(config).spec_from_hf_config(config)
-    hf_state = {}
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            hf_state.update(load_file(os.path.join(hf_dir, name)))
+    spec = read_spec(hf_dir, plugin_manager.get())
+    hf_state = load_state(hf_dir)
     model = build_gpt_model(spec, parallel_output=False, params_dtype=torch.float32,
                             sequence_parallel=sequence_parallel).eval()
     weights.load_into(model, weights.hf_to_megatron(
@@ -89,9 +88,34 @@ def megatron_logits(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool =
     return logits[..., :spec.vocab_size].float().cpu()
 
 
+def megatron_checkpoint_logits(load_dir: str, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of a per-rank Megatron ``torch`` checkpoint (pipeline size 1) loaded by megatron-core itself:
+    this rank's ``model_optim_rng.pt`` through ``GPTModel.load_state_dict(strict=True)``."""
+    from megatron.core import parallel_state
+
+    from aquila_npu.convert.megatron_format import MegatronCheckpoint, _safe_load, rank_dir
+    from aquila_npu.model import build_gpt_model
+
+    checkpoint = MegatronCheckpoint(load_dir)
+    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    if (checkpoint.parallel.tp, checkpoint.parallel.pp) != (tp, 1):
+        raise ValueError(f"{load_dir} is split TP{checkpoint.parallel.tp}/PP{checkpoint.parallel.pp}; run at TP{tp}")
+    state = _safe_load(os.path.join(checkpoint.root, rank_dir(rank, 0, 1), "model_optim_rng.pt"))["model"]
+    model = build_gpt_model(checkpoint.spec, parallel_output=False,
+                            params_dtype=next(iter(state.values())).dtype).eval()
+    model.load_state_dict(state, strict=True)
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, None)[..., :checkpoint.spec.vocab_size].float().cpu()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aquila_npu.parity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hf-dir", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-dir", help="a Hugging Face checkpoint (weights mapped by aquila_npu.weights)")
+    source.add_argument("--megatron-dir", help="a per-rank Megatron torch checkpoint at this tensor-parallel size")
     parser.add_argument("--tokens", required=True, help="JSON file with a [batch, length] list of token ids")
     parser.add_argument("--out", required=True, help="where rank 0 writes the logits (safetensors)")
     parser.add_argument("--tensor-model-parallel-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
@@ -106,7 +130,10 @@ def main(argv=None) -> int:
     with open(args.tokens, encoding="utf-8") as f:
         tokens = torch.tensor(json.load(f), dtype=torch.long)
     with distributed.megatron_world(device=args.device, tensor_model_parallel_size=args.tensor_model_parallel_size):
-        logits = megatron_logits(args.hf_dir, tokens, args.sequence_parallel)
+        if args.hf_dir:
+            logits = megatron_logits(args.hf_dir, tokens, args.sequence_parallel)
+        else:
+            logits = megatron_checkpoint_logits(args.megatron_dir, tokens)
         if torch.distributed.get_rank() == 0:
             tmp = args.out + ".tmp"
             save_file({"logits": logits.contiguous()}, tmp)

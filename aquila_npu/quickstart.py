@@ -1,9 +1,9 @@
 """The CPU quickstart: the seed workflow end to end on the model family's tiny model, stage by stage.
 
-Stages so far: a random Aquila2-shaped Hugging Face checkpoint, the Aquila2 tokenizer, the megatron-core model from
-our spec (one process, then two tensor-parallel processes), and logit parity against ``transformers``. Later stages
-of the workflow (preprocess -> pretrain -> finetune -> convert -> generate -> evaluate) are appended here as they
-land.
+Stages so far: a random Hugging Face checkpoint of the family's tiny model, its tokenizer, the megatron-core model
+from our spec (one process, then two tensor-parallel processes) against ``transformers``, and weight conversion
+HF -> Megatron TP=2 -> HF (bit-exact) with megatron-core loading the converted checkpoint. Later stages of the
+workflow (preprocess -> pretrain -> finetune -> generate -> evaluate) are appended here as they land.
 """
 
 from __future__ import annotations
@@ -43,10 +43,18 @@ def _tokenizer_dir(option: str | None, family) -> str:
     raise AquilaNpuError(f"no tokenizer.json in {' or '.join(candidates) or 'the sample data'}; pass --tokenizer DIR")
 
 
-def _megatron_logits(hf_dir: str, tokens_file: str, out: str, tp: int, device: str | None):
+def _same_tensors(a: str, b: str) -> bool:
+    from aquila_npu.convert.hf_format import load_state
+
+    x, y = load_state(a), load_state(b)
+    return sorted(x) == sorted(y) and all(x[k].dtype == y[k].dtype and x[k].equal(y[k]) for k in x)
+
+
+def _megatron_logits(model_dir: str, tokens_file: str, out: str, tp: int, device: str | None,
+                     source: str = "--hf-dir"):
     from safetensors.torch import load_file
 
-    command = [sys.executable, "-m", "aquila_npu.parity", "--hf-dir", hf_dir, "--tokens", tokens_file, "--out", out]
+    command = [sys.executable, "-m", "aquila_npu.parity", source, model_dir, "--tokens", tokens_file, "--out", out]
     if device:
         command += ["--device", device]
     if tp > 1:
@@ -116,6 +124,28 @@ def run(options: QuickstartOptions) -> int:
         failed |= not ok
         stage("megatron-core TP=2", f"2 processes; max |logit diff| vs TP=1 {diff:.2e} "
                                     f"(tolerance {PARITY_TOLERANCE_TP:g})", t, ok)
+
+    t = time.perf_counter()
+    from aquila_npu.convert import ConvertOptions, convert
+
+    mg_dir, back_dir = str(work / "megatron-tp2"), str(work / "hf-from-megatron")
+    convert(ConvertOptions(load_dir=hf_dir, save_dir=mg_dir, target_tensor_parallel_size=2, overwrite=True,
+                           progress=False))
+    convert(ConvertOptions(load_dir=mg_dir, save_dir=back_dir, load_model_type="mg", save_model_type="hf",
+                           overwrite=True, progress=False))
+    ok = _same_tensors(hf_dir, back_dir)
+    failed |= not ok
+    stage("convert", f"HF -> Megatron TP=2 ({mg_dir}) -> HF: {'bit-exact' if ok else 'DIFFERENT'}", t, ok)
+
+    if not options.skip_tp2:
+        t = time.perf_counter()
+        loaded = _megatron_logits(mg_dir, tokens_file, str(work / "logits-loaded-tp2.safetensors"), 2,
+                                  options.device, source="--megatron-dir")
+        diff = (loaded - reference).abs().max().item()
+        ok = diff <= PARITY_TOLERANCE_HF
+        failed |= not ok
+        stage("load converted TP=2", f"megatron-core loads the converted checkpoint; max |logit diff| vs "
+                                     f"transformers {diff:.2e}", t, ok)
 
     from aquila_npu.__main__ import _table
 

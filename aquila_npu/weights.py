@@ -28,6 +28,66 @@ def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec,
     return packed.chunk(tp_size, dim=0)[tp_rank].reshape(-1, hidden)
 
 
+def unpack_qkv(packed: list[torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tensor-parallel ranks' ``linear_qkv`` weights -> HF ``q_proj``, ``k_proj``, ``v_proj``."""
+    groups, d, hidden = spec.num_query_groups, spec.kv_channels, spec.hidden_size
+    heads_per_group = spec.num_attention_heads // groups
+    full = torch.cat(packed).reshape(groups, (heads_per_group + 2) * d, hidden)
+    q, k, v = full.split([heads_per_group * d, d, d], dim=1)
+    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+
+
+def unpack_fc1(ranks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor-parallel ranks' SwiGLU ``linear_fc1`` weights (each ``[gate_r; up_r]``) -> HF gate, up."""
+    halves = [r.chunk(2) for r in ranks]
+    return torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])
+
+
+def megatron_to_hf_layer(ranks: list[Mapping[str, torch.Tensor]], prefix: str, spec: ModelSpec,
+                         layer: int) -> dict[str, torch.Tensor]:
+    """HF tensors of global layer ``layer`` from every tensor-parallel rank's state (keys under ``prefix``)."""
+    get = lambda name: [r[prefix + name] for r in ranks]  # noqa: E731
+    q, k, v = unpack_qkv(get("self_attention.linear_qkv.weight"), spec)
+    gate, up = unpack_fc1(get("mlp.linear_fc1.weight"))
+    out = HF_LAYER.format(i=layer)
+    return {
+        out + "input_layernorm.weight": ranks[0][prefix + "input_layernorm.weight"],
+        out + "self_attn.q_proj.weight": q,
+        out + "self_attn.k_proj.weight": k,
+        out + "self_attn.v_proj.weight": v,
+        out + "self_attn.o_proj.weight": torch.cat(get("self_attention.linear_proj.weight"), dim=1),
+        out + "post_attention_layernorm.weight": ranks[0][prefix + "pre_mlp_layernorm.weight"],
+        out + "mlp.gate_proj.weight": gate,
+        out + "mlp.up_proj.weight": up,
+        out + "mlp.down_proj.weight": torch.cat(get("mlp.linear_fc2.weight"), dim=1),
+    }
+
+
+def hf_names(spec: ModelSpec) -> list[str]:
+    """Every HF tensor name of ``spec``, in checkpoint order."""
+    layer = ["input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    names = ["model.embed_tokens.weight"]
+    names += [HF_LAYER.format(i=i) + f"{n}.weight" for i in range(spec.num_layers) for n in layer]
+    names += ["model.norm.weight"] + (["lm_head.weight"] if spec.untie_embeddings_and_output_weights else [])
+    return names
+
+
+def hf_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    h, f, d = spec.hidden_size, spec.ffn_hidden_size, spec.kv_channels
+    q, kv = spec.num_attention_heads * d, spec.num_query_groups * d
+    per_layer = {"input_layernorm": (h,), "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h),
+                 "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, q), "post_attention_layernorm": (h,),
+                 "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h), "mlp.down_proj": (h, f)}
+    shapes = {}
+    for name in hf_names(spec):
+        if name.startswith("model.layers."):
+            shapes[name] = per_layer[name.split(".", 3)[3].rsplit(".", 1)[0]]
+        else:
+            shapes[name] = (h,) if name == "model.norm.weight" else (spec.vocab_size, h)
+    return shapes
+
+
 def pad_vocab(weight: torch.Tensor, padded_size: int) -> torch.Tensor:
     """Rows beyond the tokenizer's vocabulary are zeros (they never receive a token)."""
     if weight.shape[0] == padded_size:

@@ -1,0 +1,163 @@
+"""Checkpoint conversion: Hugging Face <-> Megatron at any tensor/pipeline split, tensor by tensor.
+
+``convert(ConvertOptions(...))`` is the library entry point; ``python -m aquila_npu.convert`` is its command line.
+Every direction goes through one pair of interfaces: a *source* that returns full tensors under Hugging Face names
+(``HFCheckpoint``, ``MegatronCheckpoint``) and a *writer* for the target format. Output is written to a temporary
+folder beside the target and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from aquila_npu.errors import AquilaNpuError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ConvertOptions:
+    load_dir: str
+    save_dir: str
+    load_model_type: str = "hf"  # hf | mg
+    save_model_type: str = "mg"  # hf | mg
+    target_tensor_parallel_size: int = 1
+    target_pipeline_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    params_dtype: str | None = None  # fp32 | fp16 | bf16; None keeps the source dtype
+    ckpt_format: str = "torch"  # torch | torch_dist
+    model: str | None = None  # a named spec; otherwise derived from config.json / the saved args
+    tokenizer_model: str | None = None  # copied next to an HF output
+    max_shard_bytes: int = 5 * 2**30
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class ConvertResult:
+    save_dir: str
+    tensors: int
+    bytes_read: int
+    seconds: float
+
+
+def _open_source(options: ConvertOptions, plugins):
+    from aquila_npu.convert.hf_format import HFCheckpoint, read_spec
+    from aquila_npu.convert.megatron_format import MegatronCheckpoint
+
+    if not os.path.isdir(options.load_dir):
+        raise AquilaNpuError(f"--load-dir {options.load_dir} does not exist or is not a folder")
+    spec = plugins.find_model(options.model)[1] if options.model else None
+    if options.load_model_type == "hf":
+        spec = spec or read_spec(options.load_dir, plugins)
+        return HFCheckpoint(options.load_dir, spec), spec
+    if options.load_model_type == "mg":
+        source = MegatronCheckpoint(options.load_dir, spec)
+        return source, source.spec
+    raise AquilaNpuError(f"--load-model-type must be hf or mg, not {options.load_model_type!r}")
+
+
+def _family_tokenizer(spec, plugins):
+    for family in plugins.families().values():
+        if spec.name in family.spec_names() or spec.name == f"{family.name}-custom":
+            return family.tokenizer
+    return None
+
+
+def convert(options: ConvertOptions) -> ConvertResult:
+    from aquila_npu import plugin_manager
+    from aquila_npu.convert.hf_format import HFWriter
+    from aquila_npu.convert.megatron_format import Parallelism, write_megatron_torch
+
+    plugins = plugin_manager.get()
+    if options.save_model_type not in ("hf", "mg"):
+        raise AquilaNpuError(f"--save-model-type must be hf or mg, not {options.save_model_type!r}")
+    if options.ckpt_format not in ("torch", "torch_dist"):
+        raise AquilaNpuError(f"--ckpt-format must be torch or torch_dist, not {options.ckpt_format!r}")
+    if options.save_model_type == "mg" and options.ckpt_format == "torch_dist":
+        raise AquilaNpuError("writing --ckpt-format torch_dist is not supported yet; use --ckpt-format torch "
+                             "(megatron-core and Megatron-LM load it with --ckpt-format torch)")
+    if options.params_dtype is not None and options.params_dtype not in DTYPES:
+        raise AquilaNpuError(f"--params-dtype must be one of {', '.join(DTYPES)}, not {options.params_dtype!r}")
+    target = os.path.abspath(options.save_dir)
+    if os.path.exists(target) and os.listdir(target) and not options.overwrite:
+        raise AquilaNpuError(f"--save-dir {options.save_dir} exists and is not empty; choose a new folder or "
+                             f"pass --overwrite")
+    source, spec = _open_source(options, plugins)
+    dtype = DTYPES.get(options.params_dtype) if options.params_dtype else None
+    vp = 1
+    if options.num_layers_per_virtual_pipeline_stage:
+        per_stage = spec.num_layers // options.target_pipeline_parallel_size
+        if per_stage % options.num_layers_per_virtual_pipeline_stage:
+            raise AquilaNpuError(f"--num-layers-per-virtual-pipeline-stage {options.num_layers_per_virtual_pipeline_stage}"
+                                 f" must divide the {per_stage} layers of each pipeline stage")
+        vp = per_stage // options.num_layers_per_virtual_pipeline_stage
+    parallel = Parallelism(options.target_tensor_parallel_size, options.target_pipeline_parallel_size, vp)
+    if options.save_model_type == "mg":
+        parallel.check(spec)
+
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
+    meter = _Meter(spec, parallel.tp if options.save_model_type == "mg" else 1, options.progress)
+    try:
+        if options.save_model_type == "mg":
+            write_megatron_torch(source, spec, parallel, work, dtype, progress=meter.add)
+        else:
+            writer = HFWriter(work, spec, _family_tokenizer(spec, plugins), options.max_shard_bytes)
+            from aquila_npu.weights import hf_names
+
+            for name in hf_names(spec):
+                tensor = source.tensor(name)
+                meter.add(tensor)
+                writer.add(name, tensor if dtype is None else tensor.to(dtype))
+            writer.finish(options.tokenizer_model)
+        meter.close()
+        if os.path.exists(target):
+            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
+            os.replace(target, os.path.join(aside, "old"))
+            os.replace(work, target)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(work, target)
+    except BaseException:
+        meter.close()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ConvertResult(target, meter.tensors, meter.bytes, meter.elapsed())
+
+
+class _Meter:
+    """Progress: tensors read, with the read rate in GB/s."""
+
+    def __init__(self, spec, reads_per_tensor: int, enabled: bool) -> None:
+        from aquila_npu.weights import hf_names
+
+        self.tensors, self.bytes, self.start = 0, 0, time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=len(hf_names(spec)) * reads_per_tensor, unit="tensor", desc="convert",
+                            dynamic_ncols=True)
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.tensors += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{self.bytes / max(self.elapsed(), 1e-9) / 1e9:.2f} GB/s", refresh=False)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,281 @@
+"""Megatron's per-rank ``torch`` checkpoint format, read and written with megatron-core's key names.
+
+Layout (what Megatron-LM's ``--load`` reads)::
+
+    latest_checkpointed_iteration.txt            the iteration (or "release")
+    iter_0000001/mp_rank_{tp:02d}/model_optim_rng.pt            pipeline-parallel size 1
+    iter_0000001/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt   pipeline-parallel size > 1
+      {"args": Namespace, "checkpoint_version": 3.0, "iteration": N, "model": state}   ("model0", "model1", ...
+      per virtual pipeline chunk)
+
+Layer numbers inside a file are local to its (virtual) pipeline chunk; chunk ``c`` of stage ``p`` holds the global
+layers ``c * pp * L + p * L + [0, L)`` with ``L = num_layers / (pp * vp)``, as megatron-core assigns them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import os
+import re
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from aquila_npu.errors import AquilaNpuError
+from aquila_npu.specs import ModelSpec
+from aquila_npu.weights import MC_LAYER, hf_to_megatron, megatron_to_hf_layer
+
+CHECKPOINT_VERSION = 3.0
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    tp: int = 1
+    pp: int = 1
+    vp: int = 1  # virtual pipeline chunks per stage
+
+    def check(self, spec: ModelSpec) -> None:
+        spec.check_parallel(self.tp, self.pp)
+        if spec.num_layers % (self.pp * self.vp):
+            raise AquilaNpuError(f"{spec.name}: {spec.num_layers} layers cannot be split into {self.pp} pipeline "
+                                 f"stages x {self.vp} virtual chunks")
+
+    def layers(self, spec: ModelSpec, stage: int, chunk: int) -> range:
+        per_chunk = spec.num_layers // (self.pp * self.vp)
+        start = chunk * self.pp * per_chunk + stage * per_chunk
+        return range(start, start + per_chunk)
+
+    def locate(self, spec: ModelSpec, layer: int) -> tuple[int, int, int]:
+        """(stage, chunk, local index) of a global layer."""
+        per_chunk = spec.num_layers // (self.pp * self.vp)
+        chunk, rest = divmod(layer, self.pp * per_chunk)
+        stage, local = divmod(rest, per_chunk)
+        return stage, chunk, local
+
+
+def rank_dir(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def iteration_dir(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _safe_load(path: str) -> dict:
+    """``torch.load(weights_only=True)`` that also admits the plain records Megatron pickles alongside the
+    weights (``argparse.Namespace`` and enum members of megatron/torch modules), and nothing else."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001
+        raise AquilaNpuError(f"{path} is not a torch checkpoint ({type(exc).__name__}: {exc})") from None
+    allowed = []
+    for qualified in unsafe:
+        module_name, _, attr = qualified.rpartition(".")
+        if qualified == "argparse.Namespace":
+            allowed.append(argparse.Namespace)
+            continue
+        if module_name.split(".")[0] in ("megatron", "torch"):
+            import importlib
+
+            try:
+                obj = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError):
+                obj = None
+            if isinstance(obj, type) and issubclass(obj, enum.Enum):
+                allowed.append(obj)
+                continue
+        raise AquilaNpuError(f"{path} holds {qualified}, which is not plain data; refusing to unpickle it "
+                             f"(weights-only loading)")
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+class MegatronCheckpoint:
+    """A per-rank ``torch`` checkpoint, read lazily (memory-mapped) with HF tensor names on the outside."""
+
+    def __init__(self, path: str, spec: ModelSpec | None = None) -> None:
+        self.path = path
+        self.iteration = read_tracker(path)
+        self.root = os.path.join(path, iteration_dir(self.iteration))
+        if not os.path.isdir(self.root):
+            raise AquilaNpuError(f"{path}: {TRACKER} names iteration {self.iteration} but {self.root} is missing")
+        names = sorted(n for n in os.listdir(self.root) if n.startswith("mp_rank_"))
+        pattern = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?$")
+        ranks = [pattern.match(n) for n in names]
+        if not names or not all(ranks):
+            raise AquilaNpuError(f"{self.root}: no mp_rank_XX[_YYY] folders; not a Megatron torch checkpoint")
+        tp = 1 + max(int(m.group(1)) for m in ranks)
+        pp = 1 + max(int(m.group(2) or 0) for m in ranks)
+        for t in range(tp):
+            for p in range(pp):
+                if not os.path.isfile(self._file(t, p, pp)):
+                    raise AquilaNpuError(f"{self._file(t, p, pp)} is missing: the checkpoint is incomplete")
+        self._cache: dict[tuple[int, int], dict] = {}
+        first = self._rank(0, 0, pp)
+        self.args = first.get("args")
+        vp = sum(1 for k in first if re.fullmatch(r"model\d+", k)) or 1
+        self.parallel = Parallelism(tp, pp, vp)
+        self.spec = spec or spec_from_args(self.args, path)
+        self.parallel.check(self.spec)
+        self._layer_cache: tuple[int, dict] | None = None
+
+    def _file(self, tp_rank: int, pp_rank: int, pp: int) -> str:
+        return os.path.join(self.root, rank_dir(tp_rank, pp_rank, pp), "model_optim_rng.pt")
+
+    def _rank(self, tp_rank: int, pp_rank: int, pp: int | None = None) -> dict:
+        key = (tp_rank, pp_rank)
+        if key not in self._cache:
+            self._cache[key] = _safe_load(self._file(tp_rank, pp_rank, pp or self.parallel.pp))
+        return self._cache[key]
+
+    def _model(self, tp_rank: int, stage: int, chunk: int) -> Mapping[str, torch.Tensor]:
+        state = self._rank(tp_rank, stage)
+        key = "model" if self.parallel.vp == 1 and "model" in state else f"model{chunk}"
+        if key not in state:
+            raise AquilaNpuError(f"{self._file(tp_rank, stage, self.parallel.pp)} has no {key!r} entry")
+        return state[key]
+
+    def _models(self, stage: int, chunk: int) -> list[Mapping[str, torch.Tensor]]:
+        return [self._model(t, stage, chunk) for t in range(self.parallel.tp)]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        spec, par = self.spec, self.parallel
+        if name == "model.embed_tokens.weight":
+            return _vocab(self._models(0, 0), "embedding.word_embeddings.weight", spec, self.path)
+        if name == "lm_head.weight":
+            return _vocab(self._models(par.pp - 1, par.vp - 1), "output_layer.weight", spec, self.path)
+        if name == "model.norm.weight":
+            return _get(self._model(0, par.pp - 1, par.vp - 1), "decoder.final_layernorm.weight", self.path)
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        if not match:
+            raise AquilaNpuError(f"no tensor {name} in an Aquila2/Llama checkpoint")
+        layer = int(match.group(1))
+        if self._layer_cache is None or self._layer_cache[0] != layer:
+            stage, chunk, local = par.locate(spec, layer)
+            models = self._models(stage, chunk)
+            prefix = MC_LAYER.format(i=local)
+            try:
+                self._layer_cache = (layer, megatron_to_hf_layer(models, prefix, spec, layer))
+            except KeyError as exc:
+                raise AquilaNpuError(f"{self.path}: key {exc.args[0]} missing for layer {layer}") from None
+        return self._layer_cache[1][name]
+
+
+def _get(state: Mapping[str, torch.Tensor], key: str, path: str) -> torch.Tensor:
+    if key not in state:
+        raise AquilaNpuError(f"{path}: key {key} missing; not a megatron-core GPT checkpoint")
+    return state[key]
+
+
+def _vocab(models, key: str, spec: ModelSpec, path: str) -> torch.Tensor:
+    full = torch.cat([_get(m, key, path) for m in models])
+    if full.shape[0] < spec.vocab_size:
+        raise AquilaNpuError(f"{path}: {key} has {full.shape[0]} rows, fewer than the vocabulary {spec.vocab_size}")
+    return full[:spec.vocab_size]
+
+
+def read_tracker(path: str) -> int | str:
+    tracker = os.path.join(path, TRACKER)
+    if not os.path.isfile(tracker):
+        raise AquilaNpuError(f"{path}: no {TRACKER}; not a Megatron checkpoint folder")
+    with open(tracker, encoding="utf-8") as f:
+        text = f.read().strip()
+    if text == "release":
+        return text
+    if not text.isdigit():
+        raise AquilaNpuError(f"{tracker} holds {text!r}, not an iteration number or 'release'")
+    return int(text)
+
+
+def spec_from_args(args, path: str) -> ModelSpec:
+    """The architecture recorded in a checkpoint's saved Megatron arguments."""
+    if args is None:
+        raise AquilaNpuError(f"{path}: the checkpoint saved no args; pass --model NAME")
+    get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    heads = get("num_attention_heads")
+    vocab = get("vocab_size") or get("padded_vocab_size")
+    if not (get("num_layers") and get("hidden_size") and heads and vocab):
+        raise AquilaNpuError(f"{path}: the saved args lack the architecture; pass --model NAME")
+    return ModelSpec(
+        name=get("model_name") or "from-checkpoint",
+        num_layers=get("num_layers"), hidden_size=get("hidden_size"), ffn_hidden_size=get("ffn_hidden_size"),
+        num_attention_heads=heads,
+        num_query_groups=get("num_query_groups") if get("group_query_attention") else heads,
+        seq_length=get("seq_length") or get("max_position_embeddings"),
+        max_position_embeddings=get("max_position_embeddings"), vocab_size=vocab,
+        rotary_base=float(get("rotary_base", 10000)), norm_epsilon=float(get("norm_epsilon", 1e-5)),
+        make_vocab_size_divisible_by=get("make_vocab_size_divisible_by", 1) or 1,
+        untie_embeddings_and_output_weights=bool(get("untie_embeddings_and_output_weights", True)),
+        add_bias_linear=bool(get("add_bias_linear", False)),
+        params_dtype={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(get("params_dtype"), "fp32"),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def megatron_args(spec: ModelSpec, parallel: Parallelism, dtype: torch.dtype) -> argparse.Namespace:
+    """The saved ``args``: what Megatron-LM's ``check_checkpoint_args`` compares, and the architecture."""
+    return argparse.Namespace(
+        model_name=spec.name, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size, num_attention_heads=spec.num_attention_heads,
+        group_query_attention=spec.group_query_attention, num_query_groups=spec.num_query_groups,
+        kv_channels=spec.kv_channels, seq_length=spec.seq_length, max_position_embeddings=spec.max_position_embeddings,
+        vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size(parallel.tp),
+        make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by, rotary_base=spec.rotary_base,
+        norm_epsilon=spec.norm_epsilon, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
+        add_position_embedding=False, untie_embeddings_and_output_weights=spec.untie_embeddings_and_output_weights,
+        add_bias_linear=spec.add_bias_linear, tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vp if parallel.vp > 1 else None,
+        num_layers_per_virtual_pipeline_stage=(spec.num_layers // (parallel.pp * parallel.vp)
+                                               if parallel.vp > 1 else None),
+        params_dtype=dtype, fp16=dtype == torch.float16, bf16=dtype == torch.bfloat16,
+        tokenizer_type=None, consumed_train_samples=0, consumed_valid_samples=0,
+    )
+
+
+def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: str, dtype: torch.dtype | None,
+                         iteration: int = 1, progress=None) -> None:
+    """Write ``source`` (anything with ``tensor(hf_name)``) as a per-rank checkpoint at ``parallel``, one rank
+    file at a time: memory holds one rank's tensors, never the whole model."""
+    parallel.check(spec)
+
+    class _Lazy(Mapping):
+        def __getitem__(self, name):
+            tensor = source.tensor(name)
+            if progress is not None:
+                progress(tensor)
+            return tensor if dtype is None else tensor.to(dtype)
+
+        def __iter__(self):
+            raise TypeError("lazy mapping")
+
+        def __len__(self):
+            raise TypeError("lazy mapping")
+
+    hf = _Lazy()
+    root = os.path.join(path, iteration_dir(iteration))
+    saved_dtype = dtype
+    for stage in range(parallel.pp):
+        for tp_rank in range(parallel.tp):
+            entry: dict = {}
+            for chunk in range(parallel.vp):
+                state = hf_to_megatron(
+                    hf, spec, parallel.tp, tp_rank, layers=parallel.layers(spec, stage, chunk),
+                    pre_process=stage == 0 and chunk == 0,
+                    post_process=stage == parallel.pp - 1 and chunk == parallel.vp - 1)
+                saved_dtype = saved_dtype or next(iter(state.values())).dtype
+                entry["model" if parallel.vp == 1 else f"model{chunk}"] = state
+            entry.update(args=megatron_args(spec, parallel, saved_dtype), checkpoint_version=CHECKPOINT_VERSION,
+                         iteration=iteration)
+            folder = os.path.join(root, rank_dir(tp_rank, stage, parallel.pp))
+            os.makedirs(folder, exist_ok=True)
+            torch.save(entry, os.path.join(folder, "model_optim_rng.pt"))
+            del entry
+    with open(os.path.join(path, TRACKER), "w", encoding="utf-8") as f:
+        f.write(f"{iteration}\n")
+
+
