@@ -229,3 +229,69 @@ def test_a_failure_midway_removes_the_partial_output(tmp_path, tiny_hf_dir, monk
     with pytest.raises(AquilaNpuError, match="disk read failed"):
         run_convert(tiny_hf_dir, tmp_path / "out", tp=2)
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------- --verify
+def test_verify_passes_for_a_faithful_conversion_with_a_dtype_change(tmp_path, tiny_hf_dir):
+    result = run_convert(tiny_hf_dir, tmp_path / "mg", tp=2, pp=2, verify=True, params_dtype="bf16")
+    assert result.max_logit_diff is not None and result.max_logit_diff <= 1e-4
+
+
+def test_verify_catches_a_wrong_layout_and_keeps_nothing(tmp_path, tiny_hf_dir, monkeypatch):
+    from aquila_npu.convert import megatron_format
+
+    original = megatron_format.hf_to_megatron
+
+    def swapped_norms(*args, **kwargs):
+        state = original(*args, **kwargs)
+        for key in [k for k in state if k.endswith("input_layernorm.weight")]:
+            other = key.replace("input_layernorm", "pre_mlp_layernorm")
+            state[key], state[other] = state[other], state[key]
+        return state
+
+    monkeypatch.setattr(megatron_format, "hf_to_megatron", swapped_norms)
+    with pytest.raises(AquilaNpuError, match="verification failed"):
+        run_convert(tiny_hf_dir, tmp_path / "mg", tp=2, verify=True)
+    assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------- ModelLink's legacy layout
+LEGACY_NAMES = {  # megatron-core -> ModelLink (legacy Megatron) key names, from ModelLink's Aquila2 converter
+    "embedding.word_embeddings.weight": "language_model.embedding.word_embeddings.weight",
+    "decoder.final_layernorm.weight": "language_model.encoder.final_norm.weight",
+    "output_layer.weight": "language_model.output_layer.weight",
+    "input_layernorm.weight": "input_norm.weight",
+    "self_attention.linear_qkv.weight": "self_attention.query_key_value.weight",
+    "self_attention.linear_proj.weight": "self_attention.dense.weight",
+    "pre_mlp_layernorm.weight": "post_attention_norm.weight",
+    "mlp.linear_fc1.weight": "mlp.dense_h_to_4h.weight",
+    "mlp.linear_fc2.weight": "mlp.dense_4h_to_h.weight",
+}
+
+
+def _to_legacy(key: str) -> str:
+    if key in LEGACY_NAMES:
+        return LEGACY_NAMES[key]
+    _, _, index, rest = key.split(".", 3)
+    return f"language_model.encoder.layers.{index}.{LEGACY_NAMES[rest]}"
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_reads_modellink_legacy_checkpoints(tmp_path, shaped_34b, nested):
+    run_convert(shaped_34b, tmp_path / "mg", tp=2, pp=2)
+    for file in (tmp_path / "mg").glob("iter_*/mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(file, weights_only=False)
+        flat = {_to_legacy(k): v for k, v in state["model"].items()}
+        if nested:
+            tree: dict = {}
+            for key, value in flat.items():
+                node = tree
+                *parents, leaf = key.split(".")
+                for part in parents:
+                    node = node.setdefault(part, {})
+                node[leaf] = value
+            flat = tree
+        state["model"] = flat
+        torch.save(state, file)
+    run_convert(tmp_path / "mg", tmp_path / "hf", load_type="mg", save_type="hf")
+    assert_bit_identical(hf_state(shaped_34b), hf_state(tmp_path / "hf"))

@@ -37,6 +37,7 @@ class ConvertOptions:
     max_shard_bytes: int = 5 * 2**30
     overwrite: bool = False
     progress: bool = True
+    verify: bool = False  # compare source and output logits before the output is renamed into place
 
 
 @dataclass
@@ -45,6 +46,7 @@ class ConvertResult:
     tensors: int
     bytes_read: int
     seconds: float
+    max_logit_diff: float | None = None
 
 
 def _open_source(options: ConvertOptions, plugins):
@@ -119,6 +121,11 @@ def convert(options: ConvertOptions) -> ConvertResult:
                 writer.add(name, tensor if dtype is None else tensor.to(dtype))
             writer.finish(options.tokenizer_model)
         meter.close()
+        seconds, max_diff = meter.elapsed(), None
+        if options.verify:
+            from aquila_npu.convert.verify import verify
+
+            max_diff = verify(options.load_dir, options.load_model_type, work, options.save_model_type, spec, dtype)
         if os.path.exists(target):
             aside = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
             os.replace(target, os.path.join(aside, "old"))
@@ -130,7 +137,7 @@ def convert(options: ConvertOptions) -> ConvertResult:
         meter.close()
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return ConvertResult(target, meter.tensors, meter.bytes, meter.elapsed())
+    return ConvertResult(target, meter.tensors, meter.bytes, seconds, max_diff)
 
 
 class _Meter:

@@ -4,7 +4,7 @@ Our flags::
 
     --load-dir D --save-dir D --load-model-type hf|mg --save-model-type hf|mg
     --target-tensor-parallel-size N --target-pipeline-parallel-size N [--num-layers-per-virtual-pipeline-stage N]
-    [--params-dtype fp32|fp16|bf16] [--ckpt-format torch] [--model NAME] [--tokenizer-model PATH]
+    [--params-dtype fp32|fp16|bf16] [--ckpt-format torch] [--model NAME] [--tokenizer-model PATH] [--verify]
 
 The seed guide's (ModelLink) flag sets work unchanged::
 
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--verify", action="store_true", help="compare source and output logits on a fixed prompt "
+                                                              "(fp32, one process) before keeping the output")
     seed = parser.add_argument_group("seed (ModelLink) compatibility")
     seed.add_argument("--model-type", choices=["GPT"], default="GPT")
     seed.add_argument("--loader", choices=sorted(LOADERS))
@@ -66,7 +68,7 @@ def options_from_args(args: argparse.Namespace):
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
         params_dtype=args.params_dtype, ckpt_format=args.ckpt_format, model=args.model,
         tokenizer_model=args.tokenizer_model, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
-        overwrite=args.overwrite, progress=not args.no_progress)
+        overwrite=args.overwrite, progress=not args.no_progress, verify=args.verify)
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,8 @@ Layout (what Megatron-LM's ``--load`` reads)::
       {"args": Namespace, "checkpoint_version": 3.0, "iteration": N, "model": state}   ("model0", "model1", ...
       per virtual pipeline chunk)
 
-Layer numbers inside a file are local to its (virtual) pipeline chunk; chunk ``c`` of stage ``p`` holds the global
+ModelLink's legacy layout (``language_model.encoder.layers.N.self_attention.query_key_value.weight``, ..., flat or
+nested) is read too. Layer numbers inside a file are local to its (virtual) pipeline chunk; chunk ``c`` of stage ``p`` holds the global
 layers ``c * pp * L + p * L + [0, L)`` with ``L = num_layers / (pp * vp)``, as megatron-core assigns them.
 """
 
@@ -137,7 +138,11 @@ class MegatronCheckpoint:
         key = "model" if self.parallel.vp == 1 and "model" in state else f"model{chunk}"
         if key not in state:
             raise AquilaNpuError(f"{self._file(tp_rank, stage, self.parallel.pp)} has no {key!r} entry")
-        return state[key]
+        model = state[key]
+        if not getattr(model, "_aquila_npu_normalised", False):
+            model = _NormalisedState(from_legacy(_flatten(model)))
+            state[key] = model
+        return model
 
     def _models(self, stage: int, chunk: int) -> list[Mapping[str, torch.Tensor]]:
         return [self._model(t, stage, chunk) for t in range(self.parallel.tp)]
@@ -163,6 +168,61 @@ class MegatronCheckpoint:
             except KeyError as exc:
                 raise AquilaNpuError(f"{self.path}: key {exc.args[0]} missing for layer {layer}") from None
         return self._layer_cache[1][name]
+
+
+class _NormalisedState(dict):
+    """A rank's model state with flat megatron-core key names (marked so it is normalised once)."""
+
+    _aquila_npu_normalised = True
+
+
+def _flatten(state: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Legacy Megatron nests its model state (``{"language_model": {"encoder": {...}}}``); flatten to dotted keys."""
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+# ModelLink / legacy Megatron (``language_model.*``) -> megatron-core names; the tensors' layouts are the same
+# (QKV packed per query group, SwiGLU gate/up per rank, row/column splits).
+_LEGACY = [
+    (r"language_model\.embedding\.word_embeddings\.weight", "embedding.word_embeddings.weight"),
+    (r"language_model\.(?:encoder|decoder)\.(?:final_norm|final_layernorm)\.weight", "decoder.final_layernorm.weight"),
+    (r"language_model\.output_layer\.weight", "output_layer.weight"),
+    (r"language_model\.(?:encoder|decoder)\.layers\.(\d+)\.(?:input_norm|input_layernorm)\.weight",
+     r"decoder.layers.\1.input_layernorm.weight"),
+    (r"language_model\.(?:encoder|decoder)\.layers\.(\d+)\.self_attention\.query_key_value\.weight",
+     r"decoder.layers.\1.self_attention.linear_qkv.weight"),
+    (r"language_model\.(?:encoder|decoder)\.layers\.(\d+)\.self_attention\.dense\.weight",
+     r"decoder.layers.\1.self_attention.linear_proj.weight"),
+    (r"language_model\.(?:encoder|decoder)\.layers\.(\d+)\.(?:post_attention_norm|post_attention_layernorm)\.weight",
+     r"decoder.layers.\1.pre_mlp_layernorm.weight"),
+    (r"language_model\.(?:encoder|decoder)\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight",
+     r"decoder.layers.\1.mlp.linear_fc1.weight"),
+    (r"language_model\.(?:encoder|decoder)\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight",
+     r"decoder.layers.\1.mlp.linear_fc2.weight"),
+]
+_LEGACY_COMPILED = [(re.compile(pattern + "$"), replacement) for pattern, replacement in _LEGACY]
+
+
+def from_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename ModelLink/legacy keys to megatron-core's; megatron-core states pass through unchanged."""
+    if not any(key.startswith("language_model.") for key in state):
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in _LEGACY_COMPILED:
+            if pattern.match(key):
+                renamed[pattern.sub(replacement, key)] = value
+                break
+        else:
+            if not key.endswith(("_extra_state", "inv_freq")):
+                raise AquilaNpuError(f"unknown key {key} in a ModelLink/legacy Megatron checkpoint")
+    return renamed
 
 
 def _get(state: Mapping[str, torch.Tensor], key: str, path: str) -> torch.Tensor:
