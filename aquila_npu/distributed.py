@@ -83,8 +83,11 @@ def shutdown() -> None:
 
 @contextlib.contextmanager
 def megatron_world(**kwargs):
+    """``initialize`` for the duration of a block; nested use joins the world already there."""
+    owned = _world is None
     world = initialize(**kwargs)
     try:
         yield world
     finally:
-        shutdown()
+        if owned:
+            shutdown()

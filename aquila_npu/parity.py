@@ -89,21 +89,31 @@ def megatron_logits(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool =
 
 
 def megatron_checkpoint_logits(load_dir: str, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits of a per-rank Megatron ``torch`` checkpoint (pipeline size 1) loaded by megatron-core itself:
-    this rank's ``model_optim_rng.pt`` through ``GPTModel.load_state_dict(strict=True)``."""
-    from megatron.core import parallel_state
+    """Logits of a converted Megatron checkpoint (pipeline size 1) loaded by megatron-core itself: a per-rank
+    ``torch`` checkpoint through ``GPTModel.load_state_dict(strict=True)`` of this rank's file, a ``torch_dist``
+    one through ``dist_checkpointing.load`` of the model's sharded state dict (at any tensor-parallel size)."""
+    from megatron.core import dist_checkpointing, parallel_state
 
-    from aquila_npu.convert.megatron_format import MegatronCheckpoint, _safe_load, rank_dir
+    from aquila_npu.convert import open_megatron
+    from aquila_npu.convert.megatron_dist import MegatronDistCheckpoint
+    from aquila_npu.convert.megatron_format import _safe_load, rank_dir
     from aquila_npu.model import build_gpt_model
 
-    checkpoint = MegatronCheckpoint(load_dir)
+    checkpoint = open_megatron(load_dir)
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    if (checkpoint.parallel.tp, checkpoint.parallel.pp) != (tp, 1):
-        raise ValueError(f"{load_dir} is split TP{checkpoint.parallel.tp}/PP{checkpoint.parallel.pp}; run at TP{tp}")
-    state = _safe_load(os.path.join(checkpoint.root, rank_dir(rank, 0, 1), "model_optim_rng.pt"))["model"]
-    model = build_gpt_model(checkpoint.spec, parallel_output=False,
-                            params_dtype=next(iter(state.values())).dtype).eval()
-    model.load_state_dict(state, strict=True)
+    if isinstance(checkpoint, MegatronDistCheckpoint):
+        dtype = next(iter(checkpoint.metadata.values())).dtype
+        model = build_gpt_model(checkpoint.spec, parallel_output=False, params_dtype=dtype).eval()
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, checkpoint.root)
+        model.load_state_dict(loaded["model"], strict=True)
+    else:
+        if (checkpoint.parallel.tp, checkpoint.parallel.pp) != (tp, 1):
+            raise ValueError(f"{load_dir} is split TP{checkpoint.parallel.tp}/PP{checkpoint.parallel.pp}; "
+                             f"run at TP{tp}")
+        state = _safe_load(os.path.join(checkpoint.root, rank_dir(rank, 0, 1), "model_optim_rng.pt"))["model"]
+        model = build_gpt_model(checkpoint.spec, parallel_output=False,
+                                params_dtype=next(iter(state.values())).dtype).eval()
+        model.load_state_dict(state, strict=True)
     device = next(model.parameters()).device
     tokens = tokens.to(device)
     positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)

@@ -49,9 +49,16 @@ class ConvertResult:
     max_logit_diff: float | None = None
 
 
+def open_megatron(path: str, spec=None):
+    """A Megatron checkpoint of either format (per-rank ``torch`` or ``torch_dist``), read with HF names."""
+    from aquila_npu.convert.megatron_dist import MegatronDistCheckpoint, is_dist_checkpoint
+    from aquila_npu.convert.megatron_format import MegatronCheckpoint
+
+    return (MegatronDistCheckpoint if is_dist_checkpoint(path) else MegatronCheckpoint)(path, spec)
+
+
 def _open_source(options: ConvertOptions, plugins):
     from aquila_npu.convert.hf_format import HFCheckpoint, read_spec
-    from aquila_npu.convert.megatron_format import MegatronCheckpoint
 
     if not os.path.isdir(options.load_dir):
         raise AquilaNpuError(f"--load-dir {options.load_dir} does not exist or is not a folder")
@@ -60,7 +67,7 @@ def _open_source(options: ConvertOptions, plugins):
         spec = spec or read_spec(options.load_dir, plugins)
         return HFCheckpoint(options.load_dir, spec), spec
     if options.load_model_type == "mg":
-        source = MegatronCheckpoint(options.load_dir, spec)
+        source = open_megatron(options.load_dir, spec)
         return source, source.spec
     raise AquilaNpuError(f"--load-model-type must be hf or mg, not {options.load_model_type!r}")
 
@@ -74,23 +81,41 @@ def _family_tokenizer(spec, plugins):
 
 def convert(options: ConvertOptions) -> ConvertResult:
     from aquila_npu import plugin_manager
-    from aquila_npu.convert.hf_format import HFWriter
-    from aquila_npu.convert.megatron_format import Parallelism, write_megatron_torch
 
     plugins = plugin_manager.get()
     if options.save_model_type not in ("hf", "mg"):
         raise AquilaNpuError(f"--save-model-type must be hf or mg, not {options.save_model_type!r}")
     if options.ckpt_format not in ("torch", "torch_dist"):
         raise AquilaNpuError(f"--ckpt-format must be torch or torch_dist, not {options.ckpt_format!r}")
-    if options.save_model_type == "mg" and options.ckpt_format == "torch_dist":
-        raise AquilaNpuError("writing --ckpt-format torch_dist is not supported yet; use --ckpt-format torch "
-                             "(megatron-core and Megatron-LM load it with --ckpt-format torch)")
     if options.params_dtype is not None and options.params_dtype not in DTYPES:
         raise AquilaNpuError(f"--params-dtype must be one of {', '.join(DTYPES)}, not {options.params_dtype!r}")
     target = os.path.abspath(options.save_dir)
     if os.path.exists(target) and os.listdir(target) and not options.overwrite:
         raise AquilaNpuError(f"--save-dir {options.save_dir} exists and is not empty; choose a new folder or "
                              f"pass --overwrite")
+    with _megatron_world_if_needed(options):
+        return _convert(options, plugins, target)
+
+
+def _megatron_world_if_needed(options: ConvertOptions):
+    """torch_dist reading and writing go through megatron-core's dist_checkpointing: a world of one."""
+    import contextlib
+
+    from aquila_npu.convert.megatron_dist import is_dist_checkpoint
+
+    dist_in = options.load_model_type == "mg" and is_dist_checkpoint(options.load_dir)
+    dist_out = options.save_model_type == "mg" and options.ckpt_format == "torch_dist"
+    if not (dist_in or dist_out):
+        return contextlib.nullcontext()
+    from aquila_npu import distributed
+
+    return distributed.megatron_world()
+
+
+def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
+    from aquila_npu.convert.hf_format import HFWriter
+    from aquila_npu.convert.megatron_format import Parallelism, write_megatron_torch
+
     source, spec = _open_source(options, plugins)
     dtype = DTYPES.get(options.params_dtype) if options.params_dtype else None
     vp = 1
@@ -107,9 +132,14 @@ def convert(options: ConvertOptions) -> ConvertResult:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
-    meter = _Meter(spec, parallel.tp if options.save_model_type == "mg" else 1, options.progress)
+    per_rank_output = options.save_model_type == "mg" and options.ckpt_format == "torch"
+    meter = _Meter(spec, parallel.tp if per_rank_output else 1, options.progress)
     try:
-        if options.save_model_type == "mg":
+        if options.save_model_type == "mg" and options.ckpt_format == "torch_dist":
+            from aquila_npu.convert.megatron_dist import write_megatron_dist
+
+            write_megatron_dist(source, spec, work, dtype, progress=meter.add)
+        elif options.save_model_type == "mg":
             write_megatron_torch(source, spec, parallel, work, dtype, progress=meter.add)
         else:
             writer = HFWriter(work, spec, _family_tokenizer(spec, plugins), options.max_shard_bytes)

@@ -48,9 +48,9 @@ def logits(path: str, kind: str, spec, round_to: torch.dtype | None = None) -> t
     tokens = fixed_tokens(spec.vocab_size)
     if kind == "hf":
         return _hf_logits(path, tokens, round_to)
-    from aquila_npu.convert.megatron_format import MegatronCheckpoint
+    from aquila_npu.convert import open_megatron
 
-    return _megatron_logits(MegatronCheckpoint(path, spec), spec, tokens, round_to)
+    return _megatron_logits(open_megatron(path, spec), spec, tokens, round_to)
 
 
 def verify(source_dir: str, source_kind: str, target_dir: str, target_kind: str, spec,

@@ -43,3 +43,30 @@ def test_pretrain_gpt_runs_with_the_plugin_at_tp2(tmp_path, tokenizer_dir):
     assert "aquila-npu: plugins aquila2 on" in output
     # torch_dist save ran (in every process of the job) and completed
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def _first_loss(output: str) -> float:
+    match = LOSS.search(output)
+    assert match, output[-4000:]
+    return float(match.group(3))
+
+
+def test_megatron_lm_loads_converted_checkpoints_in_both_formats(tmp_path, tokenizer_dir, tiny_hf_dir):
+    """HF -> torch (TP2) and HF -> torch_dist, each loaded by pretrain_gpt.py --finetune at TP2: same first loss."""
+    losses = {}
+    for fmt in ("torch", "torch_dist"):
+        run_python("-m", "aquila_npu.convert", "--load-dir", str(tiny_hf_dir), "--save-dir", str(tmp_path / fmt),
+                   "--target-tensor-parallel-size", "2", "--ckpt-format", fmt, "--no-progress", check=True)
+        result = run_python(
+            "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+            str(Path(MEGATRON_LM_PATH) / "pretrain_gpt.py"), "--plugin", "aquila2", "--model", "aquila2-tiny",
+            "--tensor-model-parallel-size", "2", "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer",
+            "--tokenizer-model", str(tokenizer_dir), "--seq-length", "64", "--micro-batch-size", "2",
+            "--global-batch-size", "4", "--train-iters", "1", "--lr", "1e-4", "--log-interval", "1",
+            "--eval-interval", "100", "--eval-iters", "0", "--load", str(tmp_path / fmt), "--ckpt-format", fmt,
+            "--finetune", "--no-load-optim", "--no-load-rng", cwd=MEGATRON_LM_PATH, timeout=900)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output[-4000:]
+        assert "successfully loaded checkpoint" in output
+        losses[fmt] = _first_loss(output)
+    assert losses["torch"] == losses["torch_dist"]
