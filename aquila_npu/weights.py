@@ -95,38 +95,43 @@ def pad_vocab(weight: torch.Tensor, padded_size: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(padded_size - weight.shape[0], weight.shape[1])])
 
 
-def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec, tp_size: int = 1, tp_rank: int = 0,
-                   layers: range | None = None, pre_process: bool = True,
-                   post_process: bool = True) -> dict[str, torch.Tensor]:
-    """The megatron-core state dict of one tensor-parallel rank (and pipeline stage, given its global ``layers``).
+def iter_hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec, tp_size: int = 1, tp_rank: int = 0,
+                        layers: range | None = None, pre_process: bool = True,
+                        post_process: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """The megatron-core state of one tensor-parallel rank (and pipeline stage, given its global ``layers``), one
+    tensor at a time and in a fixed order; each is computed (and its HF inputs read) only when reached.
 
-    Layer indices in the result are local to the stage, as megatron-core numbers them.
+    Layer indices are local to the stage, as megatron-core numbers them.
     """
     layers = range(spec.num_layers) if layers is None else layers
     padded = spec.padded_vocab_size(tp_size)
-    out: dict[str, torch.Tensor] = {}
     if pre_process:
-        out["embedding.word_embeddings.weight"] = pad_vocab(hf["model.embed_tokens.weight"], padded).chunk(
-            tp_size)[tp_rank]
+        yield "embedding.word_embeddings.weight", pad_vocab(hf["model.embed_tokens.weight"], padded).chunk(
+            tp_size)[tp_rank].contiguous()
     for local, i in enumerate(layers):
         src, dst = HF_LAYER.format(i=i), MC_LAYER.format(i=local)
-        out[dst + "input_layernorm.weight"] = hf[src + "input_layernorm.weight"]
-        out[dst + "self_attention.linear_qkv.weight"] = pack_qkv(
+        yield dst + "input_layernorm.weight", hf[src + "input_layernorm.weight"].contiguous()
+        yield dst + "self_attention.linear_qkv.weight", pack_qkv(
             hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
-            hf[src + "self_attn.v_proj.weight"], spec, tp_size, tp_rank)
-        out[dst + "self_attention.linear_proj.weight"] = hf[src + "self_attn.o_proj.weight"].chunk(
-            tp_size, dim=1)[tp_rank]
-        out[dst + "pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"]
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"].chunk(tp_size)[tp_rank],
+            hf[src + "self_attn.v_proj.weight"], spec, tp_size, tp_rank).contiguous()
+        yield dst + "self_attention.linear_proj.weight", hf[src + "self_attn.o_proj.weight"].chunk(
+            tp_size, dim=1)[tp_rank].contiguous()
+        yield dst + "pre_mlp_layernorm.weight", hf[src + "post_attention_layernorm.weight"].contiguous()
+        yield dst + "mlp.linear_fc1.weight", torch.cat([hf[src + "mlp.gate_proj.weight"].chunk(tp_size)[tp_rank],
                                                         hf[src + "mlp.up_proj.weight"].chunk(tp_size)[tp_rank]])
-        out[dst + "mlp.linear_fc2.weight"] = hf[src + "mlp.down_proj.weight"].chunk(tp_size, dim=1)[tp_rank]
+        yield dst + "mlp.linear_fc2.weight", hf[src + "mlp.down_proj.weight"].chunk(tp_size, dim=1)[
+            tp_rank].contiguous()
     if post_process:
-        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-        output = hf["lm_head.weight"] if spec.untie_embeddings_and_output_weights else hf["model.embed_tokens.weight"]
-        key = "output_layer.weight" if spec.untie_embeddings_and_output_weights else None
-        if key:
-            out[key] = pad_vocab(output, padded).chunk(tp_size)[tp_rank]
-    return {k: v.contiguous() for k, v in out.items()}
+        yield "decoder.final_layernorm.weight", hf["model.norm.weight"].contiguous()
+        if spec.untie_embeddings_and_output_weights:
+            yield "output_layer.weight", pad_vocab(hf["lm_head.weight"], padded).chunk(tp_size)[tp_rank].contiguous()
+
+
+def hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec, tp_size: int = 1, tp_rank: int = 0,
+                   layers: range | None = None, pre_process: bool = True,
+                   post_process: bool = True) -> dict[str, torch.Tensor]:
+    """``iter_hf_to_megatron`` as a state dict."""
+    return dict(iter_hf_to_megatron(hf, spec, tp_size, tp_rank, layers, pre_process, post_process))
 
 
 def load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

@@ -240,16 +240,13 @@ def test_verify_passes_for_a_faithful_conversion_with_a_dtype_change(tmp_path, t
 def test_verify_catches_a_wrong_layout_and_keeps_nothing(tmp_path, tiny_hf_dir, monkeypatch):
     from aquila_npu.convert import megatron_format
 
-    original = megatron_format.hf_to_megatron
+    original = megatron_format.iter_hf_to_megatron
 
-    def swapped_norms(*args, **kwargs):
-        state = original(*args, **kwargs)
-        for key in [k for k in state if k.endswith("input_layernorm.weight")]:
-            other = key.replace("input_layernorm", "pre_mlp_layernorm")
-            state[key], state[other] = state[other], state[key]
-        return state
+    def scaled_norms(*args, **kwargs):  # a layout bug that keeps every shape
+        for key, tensor in original(*args, **kwargs):
+            yield key, tensor * 2 if key.endswith("input_layernorm.weight") else tensor
 
-    monkeypatch.setattr(megatron_format, "hf_to_megatron", swapped_norms)
+    monkeypatch.setattr(megatron_format, "iter_hf_to_megatron", scaled_norms)
     with pytest.raises(AquilaNpuError, match="verification failed"):
         run_convert(tiny_hf_dir, tmp_path / "mg", tp=2, verify=True)
     assert os.listdir(tmp_path) == []

@@ -132,8 +132,7 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
-    per_rank_output = options.save_model_type == "mg" and options.ckpt_format == "torch"
-    meter = _Meter(spec, parallel.tp if per_rank_output else 1, options.progress)
+    meter = _Meter(spec, options.progress)
     try:
         if options.save_model_type == "mg" and options.ckpt_format == "torch_dist":
             from aquila_npu.convert.megatron_dist import write_megatron_dist
@@ -142,7 +141,8 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
         elif options.save_model_type == "mg":
             write_megatron_torch(source, spec, parallel, work, dtype, progress=meter.add)
         else:
-            writer = HFWriter(work, spec, _family_tokenizer(spec, plugins), options.max_shard_bytes)
+            out_dtype = dtype or source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
+            writer = HFWriter(work, spec, out_dtype, _family_tokenizer(spec, plugins), options.max_shard_bytes)
             from aquila_npu.weights import hf_names
 
             for name in hf_names(spec):
@@ -173,7 +173,7 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
 class _Meter:
     """Progress: tensors read, with the read rate in GB/s."""
 
-    def __init__(self, spec, reads_per_tensor: int, enabled: bool) -> None:
+    def __init__(self, spec, enabled: bool) -> None:
         from aquila_npu.weights import hf_names
 
         self.tensors, self.bytes, self.start = 0, 0, time.perf_counter()
@@ -181,7 +181,7 @@ class _Meter:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=len(hf_names(spec)) * reads_per_tensor, unit="tensor", desc="convert",
+            self.bar = tqdm(total=len(hf_names(spec)), unit="tensor", desc="convert",
                             dynamic_ncols=True)
 
     def add(self, tensor: torch.Tensor) -> None:

@@ -1,8 +1,8 @@
 """Hugging Face checkpoints: read single or sharded safetensors / ``pytorch_model*.bin``; write sharded safetensors.
 
-Reading is lazy (safetensors are memory-mapped, one tensor at a time; ``.bin`` shards are loaded weights-only and
-one shard at a time). Writing streams: tensors are appended to the current shard, which is written once it reaches
-``max_shard_bytes``; shard names and the index are settled at the end.
+Reading is lazy (safetensors one tensor at a time; ``.bin`` shards are loaded weights-only, memory-mapped, one
+shard at a time). Writing streams: shards are planned from the spec's shapes, and each tensor is written into its
+shard as it arrives.
 """
 
 from __future__ import annotations
@@ -51,22 +51,29 @@ class HFCheckpoint:
                 return {name: single for name in self._names_in(single)}
         raise AquilaNpuError(f"{self.path}: no model.safetensors, pytorch_model.bin or shard index found")
 
+    def _safetensors(self, file: str):
+        from aquila_npu.convert.streaming import SafetensorsFile
+
+        if file not in self._open:
+            self._open[file] = SafetensorsFile(os.path.join(self.path, file))
+        return self._open[file]
+
     def _names_in(self, file: str) -> list[str]:
         if file.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(self.path, file), framework="pt") as f:
-                return list(f.keys())
+            return self._safetensors(file).keys()
         return list(self._load_bin(file))
 
     def _load_bin(self, file: str) -> dict:
         if self._bin_cache is None or self._bin_cache[0] != file:
             self._bin_cache = None  # drop the previous shard before loading the next
+            from aquila_npu.convert.streaming import detach_from_mmap
+
+            path = os.path.join(self.path, file)
             try:
-                state = torch.load(os.path.join(self.path, file), map_location="cpu", weights_only=True, mmap=True)
+                state = detach_from_mmap(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
             except Exception as exc:  # noqa: BLE001 - any unpickling failure is one clear line
-                raise AquilaNpuError(f"{os.path.join(self.path, file)} cannot be read as plain weights "
-                                     f"({type(exc).__name__}); convert it to safetensors") from None
+                raise AquilaNpuError(f"{path} cannot be read as plain weights ({type(exc).__name__}); "
+                                     f"convert it to safetensors") from None
             self._bin_cache = (file, state)
         return self._bin_cache[1]
 
@@ -75,13 +82,10 @@ class HFCheckpoint:
         if file is None:
             raise AquilaNpuError(f"{self.path}: tensor {name} not found")
         if file.endswith(".safetensors"):
-            if file not in self._open:
-                from safetensors import safe_open
-
-                self._open[file] = safe_open(os.path.join(self.path, file), framework="pt")
-            tensor = self._open[file].get_tensor(name)
+            tensor = self._safetensors(file).get_tensor(name)
         else:
             tensor = self._load_bin(file)[name]
+            tensor = tensor.load() if hasattr(tensor, "load") else tensor
         expected = hf_shapes(self.spec).get(name)
         if expected is not None and tuple(tensor.shape) != expected:
             raise AquilaNpuError(f"{self.path}: {name} has shape {tuple(tensor.shape)}, the config implies "
@@ -106,53 +110,50 @@ def read_spec(path: str, plugins) -> ModelSpec:
 
 
 class HFWriter:
-    """Writes sharded safetensors, an index, config.json and generation_config.json into ``path``."""
+    """Writes sharded safetensors (planned from the spec's shapes, filled tensor by tensor), the index,
+    config.json and generation_config.json into ``path``."""
 
-    def __init__(self, path: str, spec: ModelSpec, tokenizer: TokenizerDefaults | None = None,
+    def __init__(self, path: str, spec: ModelSpec, dtype: torch.dtype, tokenizer: TokenizerDefaults | None = None,
                  max_shard_bytes: int = 5 * 2**30) -> None:
-        self.path, self.spec, self.tokenizer = path, spec, tokenizer or TokenizerDefaults()
-        self.max_shard_bytes = max_shard_bytes
-        self._shard: dict[str, torch.Tensor] = {}
-        self._shard_bytes = 0
-        self._files: list[tuple[str, list[str]]] = []
-        self.dtype: torch.dtype | None = None
+        from aquila_npu.convert.streaming import SafetensorsStreamWriter
+
+        self.path, self.spec, self.dtype = path, spec, dtype
+        self.tokenizer = tokenizer or TokenizerDefaults()
+        element = torch.empty((), dtype=dtype).element_size()
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for name, shape in hf_shapes(spec).items():
+            nbytes = int(torch.Size(shape).numel()) * element
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, shape, dtype))
+            size += nbytes
+        count = len(shards)
+        self.files = ["model.safetensors"] if count == 1 else [
+            f"model-{n:05d}-of-{count:05d}.safetensors" for n in range(1, count + 1)]
+        self.weight_map = {name: file for file, shard in zip(self.files, shards) for name, _, _ in shard}
+        self.total_size = sum(int(torch.Size(shape).numel()) * element for shard in shards for _, shape, _ in shard)
+        self._shards = list(zip(self.files, shards))
+        self._writer: SafetensorsStreamWriter | None = None
+        self._make = SafetensorsStreamWriter
         os.makedirs(path, exist_ok=True)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        self.dtype = self.dtype or tensor.dtype
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._shard and self._shard_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        self._shard[name] = tensor.contiguous()
-        self._shard_bytes += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        temporary = f"shard-{len(self._files) + 1:05d}.safetensors"
-        save_file(self._shard, os.path.join(self.path, temporary), metadata={"format": "pt"})
-        self._files.append((temporary, list(self._shard)))
-        self._shard, self._shard_bytes = {}, 0
+        if self._writer is None or self._writer.done:
+            file, planned = self._shards.pop(0)
+            self._writer = self._make(os.path.join(self.path, file), planned)
+        self._writer.write(name, tensor)
 
     def finish(self, tokenizer_source: str | None = None) -> None:
-        if self._shard:
-            self._flush()
-        count = len(self._files)
-        weight_map = {}
-        for number, (temporary, names) in enumerate(self._files, start=1):
-            final = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
-            os.replace(os.path.join(self.path, temporary), os.path.join(self.path, final))
-            weight_map.update({name: final for name in names})
-        shapes = hf_shapes(self.spec)
-        element = torch.empty((), dtype=self.dtype or torch.float32).element_size()
-        total = sum(int(torch.Size(s).numel()) * element for n, s in shapes.items() if n in weight_map)
-        if count > 1:
+        if self._shards or (self._writer is not None and not self._writer.done):
+            raise AquilaNpuError(f"{self.path}: the checkpoint was not written completely")
+        if len(self.files) > 1:
             _write_json(os.path.join(self.path, SAFE_INDEX),
-                        {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+                        {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map})
         config = llama_config_dict(self.spec, self.tokenizer.bos_token_id, self.tokenizer.eos_token_id,
                                    self.tokenizer.pad_token_id)
-        if self.dtype is not None:
-            config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
+        config["torch_dtype"] = str(self.dtype).removeprefix("torch.")
         _write_json(os.path.join(self.path, "config.json"), config)
         generation = {k: v for k, v in (("bos_token_id", self.tokenizer.bos_token_id),
                                          ("eos_token_id", self.tokenizer.eos_token_id),

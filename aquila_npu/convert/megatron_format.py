@@ -26,7 +26,7 @@ import torch
 
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.specs import ModelSpec
-from aquila_npu.weights import MC_LAYER, hf_to_megatron, megatron_to_hf_layer
+from aquila_npu.weights import MC_LAYER, hf_shapes, iter_hf_to_megatron, megatron_to_hf_layer
 
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -128,9 +128,13 @@ class MegatronCheckpoint:
         return os.path.join(self.root, rank_dir(tp_rank, pp_rank, pp), "model_optim_rng.pt")
 
     def _rank(self, tp_rank: int, pp_rank: int, pp: int | None = None) -> dict:
+        """A rank file's structure; its tensors stay on disk until read (see ``streaming.detach_from_mmap``)."""
+        from aquila_npu.convert.streaming import detach_from_mmap
+
         key = (tp_rank, pp_rank)
         if key not in self._cache:
-            self._cache[key] = _safe_load(self._file(tp_rank, pp_rank, pp or self.parallel.pp))
+            path = self._file(tp_rank, pp_rank, pp or self.parallel.pp)
+            self._cache[key] = detach_from_mmap(_safe_load(path), path)
         return self._cache[key]
 
     def _model(self, tp_rank: int, stage: int, chunk: int) -> Mapping[str, torch.Tensor]:
@@ -171,9 +175,14 @@ class MegatronCheckpoint:
 
 
 class _NormalisedState(dict):
-    """A rank's model state with flat megatron-core key names (marked so it is normalised once)."""
+    """A rank's model state with flat megatron-core key names (marked so it is normalised once); tensors are
+    read from disk when looked up."""
 
     _aquila_npu_normalised = True
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        return value.load() if hasattr(value, "load") else value
 
 
 def _flatten(state: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -299,43 +308,70 @@ def megatron_args(spec: ModelSpec, parallel: Parallelism, dtype: torch.dtype) ->
 
 def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: str, dtype: torch.dtype | None,
                          iteration: int = 1, progress=None) -> None:
-    """Write ``source`` (anything with ``tensor(hf_name)``) as a per-rank checkpoint at ``parallel``, one rank
-    file at a time: memory holds one rank's tensors, never the whole model."""
+    """Write ``source`` (anything with ``tensor(hf_name)``) as a per-rank checkpoint at ``parallel``.
+
+    The tensor-parallel ranks of a pipeline stage are written side by side: each source tensor is read once and
+    its slices go straight into the rank files, whose layout was planned from the shapes. Memory holds one
+    layer's source tensors, never a rank file or the model.
+    """
+    from aquila_npu.convert.streaming import TorchFileWriter, fake_like
+
     parallel.check(spec)
-
-    class _Lazy(Mapping):
-        def __getitem__(self, name):
-            tensor = source.tensor(name)
-            if progress is not None:
-                progress(tensor)
-            return tensor if dtype is None else tensor.to(dtype)
-
-        def __iter__(self):
-            raise TypeError("lazy mapping")
-
-        def __len__(self):
-            raise TypeError("lazy mapping")
-
-    hf = _Lazy()
+    saved_dtype = dtype or source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
+    shapes_only = {name: torch.empty(shape, dtype=saved_dtype, device="meta")
+                   for name, shape in hf_shapes(spec).items()}
+    reader = _LayerCachedSource(source, dtype, progress)
     root = os.path.join(path, iteration_dir(iteration))
-    saved_dtype = dtype
+
+    def rank_states(hf, stage: int, tp_rank: int):
+        for chunk in range(parallel.vp):
+            yield ("model" if parallel.vp == 1 else f"model{chunk}"), iter_hf_to_megatron(
+                hf, spec, parallel.tp, tp_rank, layers=parallel.layers(spec, stage, chunk),
+                pre_process=stage == 0 and chunk == 0,
+                post_process=stage == parallel.pp - 1 and chunk == parallel.vp - 1)
+
     for stage in range(parallel.pp):
+        writers = []
         for tp_rank in range(parallel.tp):
-            entry: dict = {}
-            for chunk in range(parallel.vp):
-                state = hf_to_megatron(
-                    hf, spec, parallel.tp, tp_rank, layers=parallel.layers(spec, stage, chunk),
-                    pre_process=stage == 0 and chunk == 0,
-                    post_process=stage == parallel.pp - 1 and chunk == parallel.vp - 1)
-                saved_dtype = saved_dtype or next(iter(state.values())).dtype
-                entry["model" if parallel.vp == 1 else f"model{chunk}"] = state
-            entry.update(args=megatron_args(spec, parallel, saved_dtype), checkpoint_version=CHECKPOINT_VERSION,
-                         iteration=iteration)
+            template: dict = {key: fake_like((name, tuple(t.shape), t.dtype) for name, t in states)
+                              for key, states in rank_states(shapes_only, stage, tp_rank)}
+            template.update(args=megatron_args(spec, parallel, saved_dtype), checkpoint_version=CHECKPOINT_VERSION,
+                            iteration=iteration)
             folder = os.path.join(root, rank_dir(tp_rank, stage, parallel.pp))
             os.makedirs(folder, exist_ok=True)
-            torch.save(entry, os.path.join(folder, "model_optim_rng.pt"))
-            del entry
+            writers.append(TorchFileWriter(template, os.path.join(folder, "model_optim_rng.pt")))
+        streams = [(name_tensor for _, states in rank_states(reader, stage, r) for name_tensor in states)
+                   for r in range(parallel.tp)]
+        for row in zip(*streams):  # the same key on every rank, in step
+            for writer, (name, tensor) in zip(writers, row):
+                writer.write(name, tensor)
+        for writer in writers:
+            writer.close()
     with open(os.path.join(path, TRACKER), "w", encoding="utf-8") as f:
         f.write(f"{iteration}\n")
 
 
+class _LayerCachedSource(Mapping):
+    """HF-named tensors from ``source``, each read once while its layer is being written (all ranks share it)."""
+
+    def __init__(self, source, dtype: torch.dtype | None, progress) -> None:
+        self.source, self.dtype, self.progress = source, dtype, progress
+        self._group: str | None = None
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        group = ".".join(name.split(".")[:3]) if name.startswith("model.layers.") else name
+        if group != self._group:
+            self._group, self._cache = group, {}
+        if name not in self._cache:
+            tensor = self.source.tensor(name)
+            if self.progress is not None:
+                self.progress(tensor)
+            self._cache[name] = tensor if self.dtype is None else tensor.to(self.dtype)
+        return self._cache[name]
+
+    def __iter__(self):
+        raise TypeError("read by name only")
+
+    def __len__(self) -> int:
+        raise TypeError("read by name only")
