@@ -221,7 +221,7 @@ def test_a_failure_midway_removes_the_partial_output(tmp_path, tiny_hf_dir, monk
     original = hf_format.HFCheckpoint.tensor
 
     def fail_late(self, name):
-        if name == "model.norm.weight":
+        if name == "model.layers.1.mlp.up_proj.weight":
             raise AquilaNpuError("disk read failed")
         return original(self, name)
 

@@ -129,21 +129,27 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
     if options.save_model_type == "mg":
         parallel.check(spec)
 
+    from aquila_npu.convert.streaming import Prefetched
+    from aquila_npu.weights import hf_names
+
+    probe_dtype = source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
     meter = _Meter(spec, options.progress)
+    # every writer asks for the source's tensors in checkpoint order, except with virtual pipeline chunks
+    if parallel.vp == 1:
+        source = Prefetched(source, hf_names(spec))
     try:
         if options.save_model_type == "mg" and options.ckpt_format == "torch_dist":
             from aquila_npu.convert.megatron_dist import write_megatron_dist
 
             write_megatron_dist(source, spec, work, dtype, progress=meter.add)
         elif options.save_model_type == "mg":
-            write_megatron_torch(source, spec, parallel, work, dtype, progress=meter.add)
+            write_megatron_torch(source, spec, parallel, work, dtype, progress=meter.add, saved_dtype=probe_dtype)
         else:
-            out_dtype = dtype or source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
-            writer = HFWriter(work, spec, out_dtype, _family_tokenizer(spec, plugins), options.max_shard_bytes)
-            from aquila_npu.weights import hf_names
+            writer = HFWriter(work, spec, dtype or probe_dtype, _family_tokenizer(spec, plugins),
+                              options.max_shard_bytes)
 
             for name in hf_names(spec):
                 tensor = source.tensor(name)
@@ -167,6 +173,9 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
         meter.close()
         shutil.rmtree(work, ignore_errors=True)
         raise
+    finally:
+        if isinstance(source, Prefetched):
+            source.close()
     return ConvertResult(target, meter.tensors, meter.bytes, seconds, max_diff)
 
 

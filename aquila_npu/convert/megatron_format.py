@@ -307,7 +307,7 @@ def megatron_args(spec: ModelSpec, parallel: Parallelism, dtype: torch.dtype) ->
 
 
 def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: str, dtype: torch.dtype | None,
-                         iteration: int = 1, progress=None) -> None:
+                         iteration: int = 1, progress=None, saved_dtype: torch.dtype | None = None) -> None:
     """Write ``source`` (anything with ``tensor(hf_name)``) as a per-rank checkpoint at ``parallel``.
 
     The tensor-parallel ranks of a pipeline stage are written side by side: each source tensor is read once and
@@ -317,7 +317,7 @@ def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: s
     from aquila_npu.convert.streaming import TorchFileWriter, fake_like
 
     parallel.check(spec)
-    saved_dtype = dtype or source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
+    saved_dtype = dtype or saved_dtype or source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
     shapes_only = {name: torch.empty(shape, dtype=saved_dtype, device="meta")
                    for name, shape in hf_shapes(spec).items()}
     reader = _LayerCachedSource(source, dtype, progress)

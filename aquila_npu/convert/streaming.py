@@ -215,3 +215,46 @@ class LazyTensor:
     def load(self) -> torch.Tensor:
         with open(self.path, "rb") as f:
             return _read_tensor(f, self.offset, self.shape, self.dtype)
+
+
+class Prefetched:
+    """Reads ``source`` ahead on a background thread, in the order the writer will ask (file reads and tensor
+    copies release the GIL, so reading overlaps writing). At most ``depth`` tensors wait in memory."""
+
+    def __init__(self, source, names: list[str], depth: int = 4) -> None:
+        import queue
+        import threading
+
+        self.spec = source.spec
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+
+        def run() -> None:
+            for name in names:
+                if self._stop.is_set():
+                    return
+                try:
+                    item = (name, source.tensor(name))
+                except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+                    self._queue.put((name, exc))
+                    return
+                self._queue.put(item)
+
+        self._thread = threading.Thread(target=run, name="aquila-npu-prefetch", daemon=True)
+        self._thread.start()
+
+    def tensor(self, name: str) -> torch.Tensor:
+        got, value = self._queue.get()
+        if isinstance(value, BaseException):
+            raise value
+        if got != name:
+            raise RuntimeError(f"prefetch order broken: asked for {name}, read {got}")
+        return value
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.1)
+            except Exception:  # noqa: BLE001 - queue.Empty: the thread is finishing
+                pass
