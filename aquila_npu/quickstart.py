@@ -131,11 +131,12 @@ def run(options: QuickstartOptions) -> int:
     mg_dir, back_dir = str(work / "megatron-tp2"), str(work / "hf-from-megatron")
     convert(ConvertOptions(load_dir=hf_dir, save_dir=mg_dir, target_tensor_parallel_size=2, overwrite=True,
                            progress=False))
-    convert(ConvertOptions(load_dir=mg_dir, save_dir=back_dir, load_model_type="mg", save_model_type="hf",
-                           overwrite=True, progress=False))
+    result = convert(ConvertOptions(load_dir=mg_dir, save_dir=back_dir, load_model_type="mg", save_model_type="hf",
+                                    overwrite=True, progress=False, verify=True))
     ok = _same_tensors(hf_dir, back_dir)
     failed |= not ok
-    stage("convert", f"HF -> Megatron TP=2 ({mg_dir}) -> HF: {'bit-exact' if ok else 'DIFFERENT'}", t, ok)
+    stage("convert", f"HF -> Megatron TP=2 ({mg_dir}) -> HF: {'bit-exact' if ok else 'DIFFERENT'}; --verify "
+                     f"max |logit diff| {result.max_logit_diff:.2e}", t, ok)
 
     if not options.skip_tp2:
         t = time.perf_counter()

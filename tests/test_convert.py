@@ -168,6 +168,11 @@ def _break(kind: str, tmp_path, tiny_hf_dir):
         state = load_file(str(src / "model.safetensors"))
         del state["model.layers.1.mlp.up_proj.weight"]
         save_file(state, str(src / "model.safetensors"))
+    elif kind == "unknown key":
+        state = load_file(str(src / "model.safetensors"))
+        state["model.layers.0.mlp.extra_proj.weight"] = torch.zeros(2, 2)
+        state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.zeros(8)  # tolerated: derived buffer
+        save_file(state, str(src / "model.safetensors"))
     elif kind == "shape mismatch":
         config = json.loads((src / "config.json").read_text())
         config["intermediate_size"] = 512
@@ -186,6 +191,7 @@ def _break(kind: str, tmp_path, tiny_hf_dir):
 @pytest.mark.parametrize("kind,message", [
     ("missing shard", "shard model-00002-of-00002.safetensors named in model.safetensors.index.json is missing"),
     ("missing key", "tensor(s) the config implies are missing, e.g. model.layers.1.mlp.up_proj.weight"),
+    ("unknown key", "unexpected tensor model.layers.0.mlp.extra_proj.weight (1 in all)"),
     ("shape mismatch", "model.layers.0.mlp.gate_proj.weight has shape (256, 128), the config implies (512, 128)"),
     ("tp does not divide groups", "tensor-parallel size 3 must divide both the 8 attention heads and the 4 query"),
     ("unpicklable bin", "cannot be read as plain weights"),

@@ -30,7 +30,13 @@ class HFCheckpoint:
         self._open: dict[str, object] = {}
         self._bin_cache: tuple[str, dict] | None = None
         self._where = self._index()  # tensor name -> file
-        missing = [name for name in hf_shapes(spec) if name not in self._where]
+        expected = hf_shapes(spec)
+        # rotary inverse frequencies are derived, not learned; older Llama-style .bin checkpoints carry them
+        unexpected = sorted(n for n in self._where if n not in expected and not n.endswith("rotary_emb.inv_freq"))
+        if unexpected:
+            raise AquilaNpuError(f"{path}: unexpected tensor {unexpected[0]} ({len(unexpected)} in all); this is not "
+                                 f"the Aquila2/Llama layout its config.json describes")
+        missing = [name for name in expected if name not in self._where]
         if missing:
             raise AquilaNpuError(f"{path}: {len(missing)} tensor(s) the config implies are missing, e.g. "
                                  f"{missing[0]}; is this checkpoint complete and its config.json right?")

@@ -96,7 +96,8 @@ def _safe_load(path: str) -> dict:
 
 
 class MegatronCheckpoint:
-    """A per-rank ``torch`` checkpoint, read lazily (memory-mapped) with HF tensor names on the outside."""
+    """A per-rank ``torch`` checkpoint with HF tensor names on the outside. Each rank file's structure is read
+    once; its tensors are read from disk one layer at a time (``streaming.detach_from_mmap``)."""
 
     def __init__(self, path: str, spec: ModelSpec | None = None) -> None:
         self.path = path

@@ -193,8 +193,7 @@ def detach_from_mmap(state, path: str):
             offset = node.untyped_storage().data_ptr() - base + node.storage_offset() * node.element_size()
             return LazyTensor(path, offset, tuple(node.shape), node.dtype)
         if isinstance(node, dict):
-            return type(node)((k, convert(v)) for k, v in node.items()) if type(node) is dict else \
-                {k: convert(v) for k, v in node.items()}
+            return {k: convert(v) for k, v in node.items()}
         if isinstance(node, list):
             return [convert(v) for v in node]
         if isinstance(node, tuple):
