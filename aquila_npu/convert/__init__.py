@@ -150,11 +150,14 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
         else:
             writer = HFWriter(work, spec, dtype or probe_dtype, _family_tokenizer(spec, plugins),
                               options.max_shard_bytes)
-
-            for name in hf_names(spec):
-                tensor = source.tensor(name)
-                meter.add(tensor)
-                writer.add(name, tensor if dtype is None else tensor.to(dtype))
+            try:
+                for name in hf_names(spec):
+                    tensor = source.tensor(name)
+                    meter.add(tensor)
+                    writer.add(name, tensor if dtype is None else tensor.to(dtype))
+            except BaseException:
+                writer.abort()
+                raise
             writer.finish(options.tokenizer_model)
         meter.close()
         seconds, max_diff = meter.elapsed(), None

@@ -151,6 +151,10 @@ class HFWriter:
             self._writer = self._make(os.path.join(self.path, file), planned)
         self._writer.write(name, tensor)
 
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+
     def finish(self, tokenizer_source: str | None = None) -> None:
         if self._shards or (self._writer is not None and not self._writer.done):
             raise AquilaNpuError(f"{self.path}: the checkpoint was not written completely")

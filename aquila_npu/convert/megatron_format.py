@@ -343,9 +343,14 @@ def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: s
             writers.append(TorchFileWriter(template, os.path.join(folder, "model_optim_rng.pt")))
         streams = [(name_tensor for _, states in rank_states(reader, stage, r) for name_tensor in states)
                    for r in range(parallel.tp)]
-        for row in zip(*streams):  # the same key on every rank, in step
-            for writer, (name, tensor) in zip(writers, row):
-                writer.write(name, tensor)
+        try:
+            for row in zip(*streams):  # the same key on every rank, in step
+                for writer, (name, tensor) in zip(writers, row):
+                    writer.write(name, tensor)
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
         for writer in writers:
             writer.close()
     with open(os.path.join(path, TRACKER), "w", encoding="utf-8") as f:

@@ -26,6 +26,54 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+class _BackgroundWrites:
+    """Positional file writes done by one background thread (``write`` syscalls release the GIL, so writing
+    overlaps reading and the layout transform); at most ``depth`` tensors wait. Errors surface on the next call."""
+
+    def __init__(self, path: str, mode: str, depth: int = 4) -> None:
+        import queue
+        import threading
+
+        self.path = path
+        self._file = open(path, mode)
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                if self._error is not None:
+                    continue
+                offset, tensor = item
+                try:
+                    if offset is not None:
+                        self._file.seek(offset)
+                    self._file.write(_raw_bytes(tensor))
+                except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                    self._error = exc
+
+        self._thread = threading.Thread(target=run, name="aquila-npu-writer", daemon=True)
+        self._thread.start()
+
+    def write(self, tensor: torch.Tensor, offset: int | None = None) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((offset, tensor))
+
+    def write_now(self, data: bytes) -> None:
+        self._file.write(data)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._file.close()
+        if self._error is not None:
+            raise self._error
+
+
 def fake_like(shapes: Iterable[tuple[str, tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
     """Shape-only stand-ins (no memory) that ``torch.save`` under ``skip_data`` can record."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -59,7 +107,7 @@ class TorchFileWriter:
         self.path = path
         self._records = _storage_records(path)
         self._next = 0
-        self._file = open(path, "r+b")
+        self._file = _BackgroundWrites(path, "r+b")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self._records):
@@ -68,9 +116,15 @@ class TorchFileWriter:
         if tensor.numel() * tensor.element_size() != size:
             raise AquilaNpuError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} does not fit its planned record "
                                  f"of {size} bytes (mixed dtypes in the source? pass --params-dtype)")
-        self._file.seek(offset)
-        self._file.write(_raw_bytes(tensor))
+        self._file.write(tensor, offset)
         self._next += 1
+
+    def abort(self) -> None:
+        """Stop writing (the file is incomplete; the caller removes it)."""
+        try:
+            self._file.close()
+        except BaseException:  # noqa: BLE001 - the error that made us abort is the one that matters
+            pass
 
     def close(self) -> None:
         self._file.close()
@@ -94,8 +148,8 @@ class SafetensorsStreamWriter:
         encoded += b" " * (-len(encoded) % 8)
         self._planned = list(planned)
         self._next = 0
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)) + encoded)
+        self._file = _BackgroundWrites(path, "wb")
+        self._file.write_now(struct.pack("<Q", len(encoded)) + encoded)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         expected_name, shape, dtype = self._planned[self._next]
@@ -103,7 +157,7 @@ class SafetensorsStreamWriter:
             raise AquilaNpuError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} arrived where {expected_name} "
                                  f"{dtype} {tuple(shape)} was planned (mixed dtypes in the source? pass "
                                  f"--params-dtype)")
-        self._file.write(_raw_bytes(tensor))
+        self._file.write(tensor)
         self._next += 1
         if self._next == len(self._planned):
             self.close()
@@ -113,8 +167,13 @@ class SafetensorsStreamWriter:
         return self._next == len(self._planned)
 
     def close(self) -> None:
-        if not self._file.closed:
+        self._file.close()
+
+    def abort(self) -> None:
+        try:
             self._file.close()
+        except BaseException:  # noqa: BLE001 - the error that made us abort is the one that matters
+            pass
 
 
 # ------------------------------------------------------------------------------------------------ readers
