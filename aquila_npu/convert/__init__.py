@@ -115,6 +115,8 @@ def _megatron_world_if_needed(options: ConvertOptions):
 def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
     from aquila_npu.convert.hf_format import HFWriter
     from aquila_npu.convert.megatron_format import Parallelism, write_megatron_torch
+    from aquila_npu.convert.streaming import Prefetched
+    from aquila_npu.weights import hf_names
 
     source, spec = _open_source(options, plugins)
     dtype = DTYPES.get(options.params_dtype) if options.params_dtype else None
@@ -128,9 +130,6 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
     parallel = Parallelism(options.target_tensor_parallel_size, options.target_pipeline_parallel_size, vp)
     if options.save_model_type == "mg":
         parallel.check(spec)
-
-    from aquila_npu.convert.streaming import Prefetched
-    from aquila_npu.weights import hf_names
 
     probe_dtype = source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
     parent = os.path.dirname(target)
