@@ -18,14 +18,42 @@ HF_LAYER = "model.layers.{i}."
 MC_LAYER = "decoder.layers.{i}."
 
 
+class Pieces:
+    """A tensor given as consecutive row blocks (each contiguous): writers store the blocks one after the other,
+    so packing needs no concatenated copy. ``materialize()`` builds the tensor."""
+
+    def __init__(self, parts: list[torch.Tensor], shape: tuple[int, ...]) -> None:
+        self.parts, self.shape = [p.contiguous() for p in parts], tuple(shape)
+        self.dtype = parts[0].dtype
+
+    def materialize(self) -> torch.Tensor:
+        return torch.cat([p.reshape(-1) for p in self.parts]).reshape(self.shape)
+
+
+def qkv_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec, tp_size: int = 1,
+               tp_rank: int = 0) -> Pieces:
+    """HF ``q/k/v_proj`` weights -> this rank's megatron-core ``linear_qkv`` weight, as row blocks: per query group
+    of this rank, that group's query heads, then its key head, then its value head."""
+    groups, d, hidden = spec.num_query_groups, spec.kv_channels, spec.hidden_size
+    heads_per_group = spec.num_attention_heads // groups
+    per_rank = groups // tp_size
+    q, k, v = q.reshape(groups, heads_per_group * d, hidden), k.reshape(groups, d, hidden), v.reshape(groups, d, hidden)
+    parts = []
+    for g in range(tp_rank * per_rank, (tp_rank + 1) * per_rank):
+        parts += [q[g], k[g], v[g]]
+    return Pieces(parts, (per_rank * (heads_per_group + 2) * d, hidden))
+
+
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec, tp_size: int = 1,
              tp_rank: int = 0) -> torch.Tensor:
     """HF ``q/k/v_proj`` weights -> this rank's megatron-core ``linear_qkv`` weight."""
-    groups, d, hidden = spec.num_query_groups, spec.kv_channels, spec.hidden_size
-    heads_per_group = spec.num_attention_heads // groups
-    packed = torch.cat([q.reshape(groups, heads_per_group * d, hidden), k.reshape(groups, d, hidden),
-                        v.reshape(groups, d, hidden)], dim=1)
-    return packed.chunk(tp_size, dim=0)[tp_rank].reshape(-1, hidden)
+    return qkv_pieces(q, k, v, spec, tp_size, tp_rank).materialize()
+
+
+def fc1_pieces(gate: torch.Tensor, up: torch.Tensor, tp_size: int = 1, tp_rank: int = 0) -> Pieces:
+    """HF ``gate_proj``/``up_proj`` -> this rank's SwiGLU ``linear_fc1``: its gate rows, then its up rows."""
+    g, u = gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]
+    return Pieces([g, u], (g.shape[0] + u.shape[0], g.shape[1]))
 
 
 def unpack_qkv(packed: list[torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,13 +124,15 @@ def pad_vocab(weight: torch.Tensor, padded_size: int) -> torch.Tensor:
 
 
 def iter_hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec, tp_size: int = 1, tp_rank: int = 0,
-                        layers: range | None = None, pre_process: bool = True,
-                        post_process: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+                        layers: range | None = None, pre_process: bool = True, post_process: bool = True,
+                        as_pieces: bool = False) -> Iterator[tuple[str, torch.Tensor | Pieces]]:
     """The megatron-core state of one tensor-parallel rank (and pipeline stage, given its global ``layers``), one
     tensor at a time and in a fixed order; each is computed (and its HF inputs read) only when reached.
 
-    Layer indices are local to the stage, as megatron-core numbers them.
+    Layer indices are local to the stage, as megatron-core numbers them. With ``as_pieces`` the packed tensors
+    (``linear_qkv``, ``linear_fc1``) come as ``Pieces`` for writers that store them without concatenating.
     """
+    pack = (lambda pieces: pieces) if as_pieces else (lambda pieces: pieces.materialize())
     layers = range(spec.num_layers) if layers is None else layers
     padded = spec.padded_vocab_size(tp_size)
     if pre_process:
@@ -111,14 +141,14 @@ def iter_hf_to_megatron(hf: Mapping[str, torch.Tensor], spec: ModelSpec, tp_size
     for local, i in enumerate(layers):
         src, dst = HF_LAYER.format(i=i), MC_LAYER.format(i=local)
         yield dst + "input_layernorm.weight", hf[src + "input_layernorm.weight"].contiguous()
-        yield dst + "self_attention.linear_qkv.weight", pack_qkv(
+        yield dst + "self_attention.linear_qkv.weight", pack(qkv_pieces(
             hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"],
-            hf[src + "self_attn.v_proj.weight"], spec, tp_size, tp_rank).contiguous()
+            hf[src + "self_attn.v_proj.weight"], spec, tp_size, tp_rank))
         yield dst + "self_attention.linear_proj.weight", hf[src + "self_attn.o_proj.weight"].chunk(
             tp_size, dim=1)[tp_rank].contiguous()
         yield dst + "pre_mlp_layernorm.weight", hf[src + "post_attention_layernorm.weight"].contiguous()
-        yield dst + "mlp.linear_fc1.weight", torch.cat([hf[src + "mlp.gate_proj.weight"].chunk(tp_size)[tp_rank],
-                                                        hf[src + "mlp.up_proj.weight"].chunk(tp_size)[tp_rank]])
+        yield dst + "mlp.linear_fc1.weight", pack(fc1_pieces(hf[src + "mlp.gate_proj.weight"],
+                                                             hf[src + "mlp.up_proj.weight"], tp_size, tp_rank))
         yield dst + "mlp.linear_fc2.weight", hf[src + "mlp.down_proj.weight"].chunk(tp_size, dim=1)[
             tp_rank].contiguous()
     if post_process:

@@ -324,12 +324,12 @@ def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: s
     reader = _LayerCachedSource(source, dtype, progress)
     root = os.path.join(path, iteration_dir(iteration))
 
-    def rank_states(hf, stage: int, tp_rank: int):
+    def rank_states(hf, stage: int, tp_rank: int, as_pieces: bool = False):
         for chunk in range(parallel.vp):
             yield ("model" if parallel.vp == 1 else f"model{chunk}"), iter_hf_to_megatron(
                 hf, spec, parallel.tp, tp_rank, layers=parallel.layers(spec, stage, chunk),
                 pre_process=stage == 0 and chunk == 0,
-                post_process=stage == parallel.pp - 1 and chunk == parallel.vp - 1)
+                post_process=stage == parallel.pp - 1 and chunk == parallel.vp - 1, as_pieces=as_pieces)
 
     for stage in range(parallel.pp):
         writers = []
@@ -341,7 +341,8 @@ def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: s
             folder = os.path.join(root, rank_dir(tp_rank, stage, parallel.pp))
             os.makedirs(folder, exist_ok=True)
             writers.append(TorchFileWriter(template, os.path.join(folder, "model_optim_rng.pt")))
-        streams = [(name_tensor for _, states in rank_states(reader, stage, r) for name_tensor in states)
+        streams = [(name_tensor for _, states in rank_states(reader, stage, r, as_pieces=True)
+                    for name_tensor in states)
                    for r in range(parallel.tp)]
         try:
             for row in zip(*streams):  # the same key on every rank, in step

@@ -109,14 +109,18 @@ class TorchFileWriter:
         self._next = 0
         self._file = _BackgroundWrites(path, "r+b")
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
+        """Fill the next record with ``tensor`` (a tensor, or ``weights.Pieces`` stored block after block)."""
         if self._next >= len(self._records):
             raise AquilaNpuError(f"{self.path}: more tensors than the planned layout ({name})")
         offset, size = self._records[self._next]
-        if tensor.numel() * tensor.element_size() != size:
+        parts = getattr(tensor, "parts", [tensor])
+        if sum(p.numel() * p.element_size() for p in parts) != size:
             raise AquilaNpuError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} does not fit its planned record "
                                  f"of {size} bytes (mixed dtypes in the source? pass --params-dtype)")
-        self._file.write(tensor, offset)
+        for part in parts:
+            self._file.write(part, offset)
+            offset += part.numel() * part.element_size()
         self._next += 1
 
     def abort(self) -> None:
