@@ -29,6 +29,16 @@ class Pieces:
     def materialize(self) -> torch.Tensor:
         return torch.cat([p.reshape(-1) for p in self.parts]).reshape(self.shape)
 
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.parts)
+
+    def element_size(self) -> int:
+        return self.parts[0].element_size()
+
+
+def as_tensor(value: torch.Tensor | Pieces) -> torch.Tensor:
+    return value.materialize() if isinstance(value, Pieces) else value
+
 
 def qkv_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ModelSpec, tp_size: int = 1,
                tp_rank: int = 0) -> Pieces:
@@ -56,27 +66,39 @@ def fc1_pieces(gate: torch.Tensor, up: torch.Tensor, tp_size: int = 1, tp_rank: 
     return Pieces([g, u], (g.shape[0] + u.shape[0], g.shape[1]))
 
 
-def unpack_qkv(packed: list[torch.Tensor], spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tensor-parallel ranks' ``linear_qkv`` weights -> HF ``q_proj``, ``k_proj``, ``v_proj``."""
-    groups, d, hidden = spec.num_query_groups, spec.kv_channels, spec.hidden_size
-    heads_per_group = spec.num_attention_heads // groups
-    full = torch.cat(packed).reshape(groups, (heads_per_group + 2) * d, hidden)
-    q, k, v = full.split([heads_per_group * d, d, d], dim=1)
-    return q.reshape(-1, hidden), k.reshape(-1, hidden), v.reshape(-1, hidden)
+def unpack_qkv(packed: list[torch.Tensor], spec: ModelSpec) -> tuple[Pieces, Pieces, Pieces]:
+    """The tensor-parallel ranks' ``linear_qkv`` weights -> HF ``q_proj``, ``k_proj``, ``v_proj`` as row blocks
+    (each group's rows are contiguous inside its rank's tensor; ranks hold whole groups in order)."""
+    d, hidden = spec.kv_channels, spec.hidden_size
+    heads_per_group = spec.num_attention_heads // spec.num_query_groups
+    q, k, v = [], [], []
+    for rank in packed:
+        groups = rank.reshape(-1, (heads_per_group + 2) * d, hidden)
+        for g in range(groups.shape[0]):
+            q.append(groups[g, :heads_per_group * d])
+            k.append(groups[g, heads_per_group * d:(heads_per_group + 1) * d])
+            v.append(groups[g, (heads_per_group + 1) * d:])
+    return (Pieces(q, (spec.num_attention_heads * d, hidden)), Pieces(k, (spec.num_query_groups * d, hidden)),
+            Pieces(v, (spec.num_query_groups * d, hidden)))
 
 
-def unpack_fc1(ranks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def unpack_fc1(ranks: list[torch.Tensor]) -> tuple[Pieces, Pieces]:
     """The tensor-parallel ranks' SwiGLU ``linear_fc1`` weights (each ``[gate_r; up_r]``) -> HF gate, up."""
     halves = [r.chunk(2) for r in ranks]
-    return torch.cat([g for g, _ in halves]), torch.cat([u for _, u in halves])
+    rows = sum(g.shape[0] for g, _ in halves)
+    return Pieces([g for g, _ in halves], (rows, ranks[0].shape[1])), Pieces([u for _, u in halves],
+                                                                           (rows, ranks[0].shape[1]))
 
 
 def megatron_to_hf_layer(ranks: list[Mapping[str, torch.Tensor]], prefix: str, spec: ModelSpec,
-                         layer: int) -> dict[str, torch.Tensor]:
-    """HF tensors of global layer ``layer`` from every tensor-parallel rank's state (keys under ``prefix``)."""
+                         layer: int, as_pieces: bool = False) -> dict[str, torch.Tensor | Pieces]:
+    """HF tensors of global layer ``layer`` from every tensor-parallel rank's state (keys under ``prefix``).
+    With ``as_pieces`` the row concatenations (q/k/v, gate/up) come as ``Pieces`` for a writer to store."""
     get = lambda name: [r[prefix + name] for r in ranks]  # noqa: E731
     q, k, v = unpack_qkv(get("self_attention.linear_qkv.weight"), spec)
     gate, up = unpack_fc1(get("mlp.linear_fc1.weight"))
+    if not as_pieces:
+        q, k, v, gate, up = (p.materialize() for p in (q, k, v, gate, up))
     out = HF_LAYER.format(i=layer)
     return {
         out + "input_layernorm.weight": ranks[0][prefix + "input_layernorm.weight"],

@@ -49,12 +49,13 @@ class ConvertResult:
     max_logit_diff: float | None = None
 
 
-def open_megatron(path: str, spec=None):
-    """A Megatron checkpoint of either format (per-rank ``torch`` or ``torch_dist``), read with HF names."""
+def open_megatron(path: str, spec=None, as_pieces: bool = False):
+    """A Megatron checkpoint of either format (per-rank ``torch`` or ``torch_dist``), read with HF names;
+    ``as_pieces``: joined tensor-parallel slices may come as ``weights.Pieces`` (for the HF writer)."""
     from aquila_npu.convert.megatron_dist import MegatronDistCheckpoint, is_dist_checkpoint
     from aquila_npu.convert.megatron_format import MegatronCheckpoint
 
-    return (MegatronDistCheckpoint if is_dist_checkpoint(path) else MegatronCheckpoint)(path, spec)
+    return (MegatronDistCheckpoint if is_dist_checkpoint(path) else MegatronCheckpoint)(path, spec, as_pieces)
 
 
 def _open_source(options: ConvertOptions, plugins):
@@ -67,7 +68,7 @@ def _open_source(options: ConvertOptions, plugins):
         spec = spec or read_spec(options.load_dir, plugins)
         return HFCheckpoint(options.load_dir, spec), spec
     if options.load_model_type == "mg":
-        source = open_megatron(options.load_dir, spec)
+        source = open_megatron(options.load_dir, spec, as_pieces=options.save_model_type == "hf")
         return source, source.spec
     raise AquilaNpuError(f"--load-model-type must be hf or mg, not {options.load_model_type!r}")
 
@@ -116,7 +117,7 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
     from aquila_npu.convert.hf_format import HFWriter
     from aquila_npu.convert.megatron_format import Parallelism, write_megatron_torch
     from aquila_npu.convert.streaming import Prefetched
-    from aquila_npu.weights import hf_names
+    from aquila_npu.weights import as_tensor, hf_names
 
     source, spec = _open_source(options, plugins)
     dtype = DTYPES.get(options.params_dtype) if options.params_dtype else None
@@ -153,7 +154,7 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
                 for name in hf_names(spec):
                     tensor = source.tensor(name)
                     meter.add(tensor)
-                    writer.add(name, tensor if dtype is None else tensor.to(dtype))
+                    writer.add(name, tensor if dtype in (None, tensor.dtype) else as_tensor(tensor).to(dtype))
             except BaseException:
                 writer.abort()
                 raise

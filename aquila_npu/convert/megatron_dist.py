@@ -80,7 +80,7 @@ class MegatronDistCheckpoint:
     """A ``torch_dist`` checkpoint, read one layer at a time with HF tensor names on the outside (call inside a
     megatron world: reading uses torch.distributed)."""
 
-    def __init__(self, path: str, spec: ModelSpec | None = None) -> None:
+    def __init__(self, path: str, spec: ModelSpec | None = None, as_pieces: bool = False) -> None:
         from megatron.core import dist_checkpointing
 
         self.path = path

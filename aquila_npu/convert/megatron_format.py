@@ -26,7 +26,7 @@ import torch
 
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.specs import ModelSpec
-from aquila_npu.weights import MC_LAYER, hf_shapes, iter_hf_to_megatron, megatron_to_hf_layer
+from aquila_npu.weights import MC_LAYER, Pieces, hf_shapes, iter_hf_to_megatron, megatron_to_hf_layer
 
 CHECKPOINT_VERSION = 3.0
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -99,8 +99,10 @@ class MegatronCheckpoint:
     """A per-rank ``torch`` checkpoint with HF tensor names on the outside. Each rank file's structure is read
     once; its tensors are read from disk one layer at a time (``streaming.detach_from_mmap``)."""
 
-    def __init__(self, path: str, spec: ModelSpec | None = None) -> None:
+    def __init__(self, path: str, spec: ModelSpec | None = None, as_pieces: bool = False) -> None:
         self.path = path
+        # row concatenations of tensor-parallel slices come back as weights.Pieces (for writers that store them)
+        self.as_pieces = as_pieces
         self.iteration = read_tracker(path)
         self.root = os.path.join(path, iteration_dir(self.iteration))
         if not os.path.isdir(self.root):
@@ -155,9 +157,10 @@ class MegatronCheckpoint:
     def tensor(self, name: str) -> torch.Tensor:
         spec, par = self.spec, self.parallel
         if name == "model.embed_tokens.weight":
-            return _vocab(self._models(0, 0), "embedding.word_embeddings.weight", spec, self.path)
+            return _vocab(self._models(0, 0), "embedding.word_embeddings.weight", spec, self.path, self.as_pieces)
         if name == "lm_head.weight":
-            return _vocab(self._models(par.pp - 1, par.vp - 1), "output_layer.weight", spec, self.path)
+            return _vocab(self._models(par.pp - 1, par.vp - 1), "output_layer.weight", spec, self.path,
+                          self.as_pieces)
         if name == "model.norm.weight":
             return _get(self._model(0, par.pp - 1, par.vp - 1), "decoder.final_layernorm.weight", self.path)
         match = re.match(r"model\.layers\.(\d+)\.", name)
@@ -169,7 +172,7 @@ class MegatronCheckpoint:
             models = self._models(stage, chunk)
             prefix = MC_LAYER.format(i=local)
             try:
-                self._layer_cache = (layer, megatron_to_hf_layer(models, prefix, spec, layer))
+                self._layer_cache = (layer, megatron_to_hf_layer(models, prefix, spec, layer, self.as_pieces))
             except KeyError as exc:
                 raise AquilaNpuError(f"{self.path}: key {exc.args[0]} missing for layer {layer}") from None
         return self._layer_cache[1][name]
@@ -241,11 +244,19 @@ def _get(state: Mapping[str, torch.Tensor], key: str, path: str) -> torch.Tensor
     return state[key]
 
 
-def _vocab(models, key: str, spec: ModelSpec, path: str) -> torch.Tensor:
-    full = torch.cat([_get(m, key, path) for m in models])
-    if full.shape[0] < spec.vocab_size:
-        raise AquilaNpuError(f"{path}: {key} has {full.shape[0]} rows, fewer than the vocabulary {spec.vocab_size}")
-    return full[:spec.vocab_size]
+def _vocab(models, key: str, spec: ModelSpec, path: str, as_pieces: bool = False):
+    """The vocabulary-parallel slices joined, without the padding rows."""
+    parts = [_get(m, key, path) for m in models]
+    rows = sum(p.shape[0] for p in parts)
+    if rows < spec.vocab_size:
+        raise AquilaNpuError(f"{path}: {key} has {rows} rows, fewer than the vocabulary {spec.vocab_size}")
+    kept, left = [], spec.vocab_size
+    for part in parts:
+        if left > 0:
+            kept.append(part[:left])
+            left -= kept[-1].shape[0]
+    pieces = Pieces(kept, (spec.vocab_size, parts[0].shape[1]))
+    return pieces if as_pieces else pieces.materialize()
 
 
 def read_tracker(path: str) -> int | str:

@@ -155,13 +155,15 @@ class SafetensorsStreamWriter:
         self._file = _BackgroundWrites(path, "wb")
         self._file.write_now(struct.pack("<Q", len(encoded)) + encoded)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor) -> None:
+        """Append ``tensor`` (a tensor, or ``weights.Pieces`` stored block after block)."""
         expected_name, shape, dtype = self._planned[self._next]
         if name != expected_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
             raise AquilaNpuError(f"{name}: {tensor.dtype} {tuple(tensor.shape)} arrived where {expected_name} "
                                  f"{dtype} {tuple(shape)} was planned (mixed dtypes in the source? pass "
                                  f"--params-dtype)")
-        self._file.write(tensor)
+        for part in getattr(tensor, "parts", [tensor]):
+            self._file.write(part)
         self._next += 1
         if self._next == len(self._planned):
             self.close()
