@@ -31,9 +31,20 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if selected:
         plugins.require(selected)
     if args.patches:
+        from aquila_npu import megatron_lm
+
         device = plugins.select_device(args.device)
-        registry = plugins.patch_registry(device)
-        print(f"patches registered for device {device} ({len(registry)}):")
+        # the Megatron-LM route's own patches are listed too (the autoload registers them in such a job)
+        route = plugins.pm.get_plugin("megatron-lm") is None
+        if route:
+            plugins.pm.register(megatron_lm, name="megatron-lm")
+        try:
+            registry = plugins.patch_registry(device)
+        finally:
+            if route:
+                plugins.pm.unregister(name="megatron-lm")
+        print(f"patches registered for device {device} ({len(registry)}; owner megatron-lm: on the "
+              f"pretrain_gpt.py --plugin route only):")
         print(_table(registry.rows(), ["owner", "target", "reason"]))
         return 0
     if args.model:

@@ -123,3 +123,5 @@ def test_cli_lists_patches_with_targets_and_reasons():
         row = next(line for line in lines if f" {patch.target} " in line + " ")
         assert patch.reason[:40] in row
     assert any("megatron.core.tensor_parallel.random._set_cuda_rng_state" in line for line in lines)
+    route = [line for line in lines if "megatron.core.transformer.transformer_block.LayerNormImpl" in line]
+    assert route and route[0].startswith("megatron-lm")
