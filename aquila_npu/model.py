@@ -49,3 +49,15 @@ def build_gpt_model(spec: ModelSpec, *, kernels=None, pre_process: bool | None =
         position_embedding_type="rope",
         rotary_base=int(spec.rotary_base),
     )
+
+
+def full_vocab_logits(model, tokens, vocab_size: int):
+    """fp32 logits ``[batch, seq, vocab_size]`` on the CPU of a ``GPTModel`` built with ``parallel_output=False``
+    (causal attention, positions 0..seq-1, the padded vocabulary rows cut off)."""
+    import torch
+
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, None)[..., :vocab_size].float().cpu()

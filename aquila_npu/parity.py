@@ -71,7 +71,7 @@ def megatron_logits(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool =
 
     from aquila_npu import plugin_manager, weights
     from aquila_npu.convert.hf_format import load_state, read_spec
-    from aquila_npu.model import build_gpt_model
+    from aquila_npu.model import build_gpt_model, full_vocab_logits
 
     spec = read_spec(hf_dir, plugin_manager.get())
     hf_state = load_state(hf_dir)
@@ -80,12 +80,7 @@ def megatron_logits(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool =
     weights.load_into(model, weights.hf_to_megatron(
         hf_state, spec, parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_rank()))
-    device = next(model.parameters()).device
-    tokens = tokens.to(device)
-    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    with torch.no_grad():
-        logits = model(tokens, positions, None)
-    return logits[..., :spec.vocab_size].float().cpu()
+    return full_vocab_logits(model, tokens, spec.vocab_size)
 
 
 def megatron_checkpoint_logits(load_dir: str, tokens: torch.Tensor) -> torch.Tensor:
@@ -97,7 +92,7 @@ def megatron_checkpoint_logits(load_dir: str, tokens: torch.Tensor) -> torch.Ten
     from aquila_npu.convert import open_megatron
     from aquila_npu.convert.megatron_dist import MegatronDistCheckpoint
     from aquila_npu.convert.megatron_format import _safe_load, rank_dir
-    from aquila_npu.model import build_gpt_model
+    from aquila_npu.model import build_gpt_model, full_vocab_logits
 
     checkpoint = open_megatron(load_dir)
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
@@ -114,11 +109,7 @@ def megatron_checkpoint_logits(load_dir: str, tokens: torch.Tensor) -> torch.Ten
         model = build_gpt_model(checkpoint.spec, parallel_output=False,
                                 params_dtype=next(iter(state.values())).dtype).eval()
         model.load_state_dict(state, strict=True)
-    device = next(model.parameters()).device
-    tokens = tokens.to(device)
-    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-    with torch.no_grad():
-        return model(tokens, positions, None)[..., :checkpoint.spec.vocab_size].float().cpu()
+    return full_vocab_logits(model, tokens, checkpoint.spec.vocab_size)
 
 
 def main(argv=None) -> int:

@@ -14,8 +14,8 @@ import os
 
 import torch
 
-from aquila_npu.convert.megatron_format import (CHECKPOINT_VERSION, TRACKER, Parallelism, iteration_dir,
-                                                megatron_args, read_tracker, spec_from_args)
+from aquila_npu.convert.megatron_format import (CHECKPOINT_VERSION, TRACKER, LayerCachedSource, Parallelism,
+                                                iteration_dir, megatron_args, read_tracker, spec_from_args)
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.specs import ModelSpec
 from aquila_npu.weights import MC_LAYER, hf_to_megatron, megatron_to_hf_layer
@@ -47,17 +47,7 @@ def write_megatron_dist(source, spec: ModelSpec, path: str, dtype: torch.dtype |
 
     from aquila_npu.model import build_gpt_model
 
-    def read(name):
-        tensor = source.tensor(name)
-        if progress is not None:
-            progress(tensor)
-        return tensor if dtype is None else tensor.to(dtype)
-
-    class _Lazy(dict):
-        def __missing__(self, name):
-            return read(name)
-
-    state = hf_to_megatron(_Lazy(), spec)
+    state = hf_to_megatron(LayerCachedSource(source, dtype, progress), spec)
     saved_dtype = next(iter(state.values())).dtype
     with torch.device("meta"):
         model = build_gpt_model(spec, params_dtype=saved_dtype, perform_initialization=False,

@@ -332,7 +332,7 @@ def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: s
     saved_dtype = dtype or saved_dtype or source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
     shapes_only = {name: torch.empty(shape, dtype=saved_dtype, device="meta")
                    for name, shape in hf_shapes(spec).items()}
-    reader = _LayerCachedSource(source, dtype, progress)
+    reader = LayerCachedSource(source, dtype, progress)
     root = os.path.join(path, iteration_dir(iteration))
 
     def rank_states(hf, stage: int, tp_rank: int, as_pieces: bool = False):
@@ -369,8 +369,9 @@ def write_megatron_torch(source, spec: ModelSpec, parallel: Parallelism, path: s
         f.write(f"{iteration}\n")
 
 
-class _LayerCachedSource(Mapping):
-    """HF-named tensors from ``source``, each read once while its layer is being written (all ranks share it)."""
+class LayerCachedSource(Mapping):
+    """HF-named tensors from ``source`` for the writers: each read once (and counted, and cast to ``dtype``) while
+    its layer is being written, however many ranks ask for it."""
 
     def __init__(self, source, dtype: torch.dtype | None, progress) -> None:
         self.source, self.dtype, self.progress = source, dtype, progress

@@ -31,16 +31,13 @@ def _hf_logits(path: str, tokens: torch.Tensor, round_to: torch.dtype | None) ->
 
 def _megatron_logits(source, spec, tokens: torch.Tensor, round_to: torch.dtype | None) -> torch.Tensor:
     from aquila_npu import distributed, weights
-    from aquila_npu.model import build_gpt_model
+    from aquila_npu.model import build_gpt_model, full_vocab_logits
 
     state = {name: source.tensor(name).to(round_to or torch.float32).float() for name in weights.hf_names(spec)}
     with distributed.megatron_world():
         model = build_gpt_model(spec, parallel_output=False, params_dtype=torch.float32).eval()
         weights.load_into(model, weights.hf_to_megatron(state, spec))
-        device = next(model.parameters()).device
-        positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-        with torch.no_grad():
-            return model(tokens.to(device), positions, None)[..., :spec.vocab_size].float().cpu()
+        return full_vocab_logits(model, tokens, spec.vocab_size)
 
 
 def logits(path: str, kind: str, spec, round_to: torch.dtype | None = None) -> torch.Tensor:
