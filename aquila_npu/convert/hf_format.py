@@ -30,7 +30,7 @@ class HFCheckpoint:
         self._open: dict[str, object] = {}
         self._bin_cache: tuple[str, dict] | None = None
         self._where = self._index()  # tensor name -> file
-        expected = hf_shapes(spec)
+        self._shapes = expected = hf_shapes(spec)
         # rotary inverse frequencies are derived, not learned; older Llama-style .bin checkpoints carry them
         unexpected = sorted(n for n in self._where if n not in expected and not n.endswith("rotary_emb.inv_freq"))
         if unexpected:
@@ -92,7 +92,7 @@ class HFCheckpoint:
         else:
             tensor = self._load_bin(file)[name]
             tensor = tensor.load() if hasattr(tensor, "load") else tensor
-        expected = hf_shapes(self.spec).get(name)
+        expected = self._shapes.get(name)
         if expected is not None and tuple(tensor.shape) != expected:
             raise AquilaNpuError(f"{self.path}: {name} has shape {tuple(tensor.shape)}, the config implies "
                                  f"{expected}; config.json does not describe these weights")
