@@ -2,6 +2,7 @@
 
 Subcommands:
   convert     Hugging Face <-> Megatron checkpoint conversion (``python -m aquila_npu.convert``)
+  preprocess  parquet / JSON records -> Megatron indexed datasets (``python -m aquila_npu.preprocess``)
   plugins     installed plugins, their hooks, model specs and devices (``--model NAME``: one spec in detail;
               ``--patches``: the patches a device registers)
   quickstart  the seed workflow end to end on a tiny model, on whatever device this machine has
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aquila-npu", description="Aquila2 on unmodified Megatron, via plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("convert", help="convert checkpoints between Hugging Face and Megatron (see convert --help)")
+    sub.add_parser("preprocess", help="tokenise records into Megatron indexed datasets (see preprocess --help)")
     p = sub.add_parser("plugins", help="list plugins, model specs, devices and patches")
     p.add_argument("--plugin", action="append", default=[], help="only this plugin (repeatable)")
     p.add_argument("--model", help="show one model spec and its Megatron-LM flags")
@@ -109,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # verbs with a command line of their own: `aquila-npu VERB ...` is `python -m aquila_npu.VERB ...`
-VERBS = {"convert": "aquila_npu.convert.__main__"}
+VERBS = {"convert": "aquila_npu.convert.__main__", "preprocess": "aquila_npu.preprocess.__main__"}
 
 
 def main(argv=None) -> int:

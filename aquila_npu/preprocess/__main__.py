@@ -1,0 +1,76 @@
+"""``python -m aquila_npu.preprocess`` / ``aquila-npu preprocess``: records -> Megatron indexed datasets.
+
+The seed guide's (ModelLink) flags work unchanged::
+
+    --input alpaca.parquet --tokenizer-name-or-path TOKENIZER_DIR --output-prefix dataset/alpaca \
+        --workers 4 --log-interval 1000 --tokenizer-type PretrainedFromHF
+      -> dataset/alpaca_text_document.bin/.idx                 (pretraining, GeneralPretrainHandler)
+    ... --handler-name GeneralInstructionHandler --append-eod
+      -> dataset/alpaca_packed_{input_ids,attention_mask,labels}_document.bin/.idx   (instruction tuning)
+
+Ours in addition: ``--skip-bad-records`` (skip and count malformed records instead of stopping at the first),
+``--batch-size`` (records per tokenizer batch), ``--no-progress``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from aquila_npu.errors import AquilaNpuError
+from aquila_npu.preprocess.handlers import HANDLERS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m aquila_npu.preprocess",
+                                     description="Tokenise parquet/JSON records into Megatron indexed datasets.")
+    parser.add_argument("--input", required=True, help="a .parquet, .json (list or lines) or .jsonl file, a folder "
+                                                       "of them, or a glob")
+    parser.add_argument("--tokenizer-name-or-path", required=True, help="folder with the tokenizer files")
+    parser.add_argument("--output-prefix", required=True, help="path prefix of the .bin/.idx outputs")
+    parser.add_argument("--tokenizer-type", default="PretrainedFromHF",
+                        help="PretrainedFromHF (seed) or HuggingFaceTokenizer (Megatron-LM): the same thing")
+    parser.add_argument("--handler-name", default="GeneralPretrainHandler", choices=sorted(HANDLERS))
+    parser.add_argument("--json-keys", nargs="+", default=["text"],
+                        help="fields to tokenise with the pretraining handler (default: text)")
+    parser.add_argument("--append-eod", action="store_true", help="end each sample with the eos (end-of-document) id")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="drop (and count) samples of this many tokens or more, as ModelLink does")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is the same for any)")
+    parser.add_argument("--log-interval", type=int, default=1000,
+                        help="documents between progress lines when not on a terminal")
+    parser.add_argument("--tokenizer-not-use-fast", action="store_true",
+                        help="accepted for the seed's scripts; the fast tokenizer is used (same ids)")
+    parser.add_argument("--skip-bad-records", action="store_true",
+                        help="skip and count malformed records instead of stopping at the first one")
+    parser.add_argument("--batch-size", type=int, default=1000, help="records per tokenizer batch")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from aquila_npu.preprocess import PreprocessOptions, preprocess
+
+    options = PreprocessOptions(
+        input=args.input, tokenizer=args.tokenizer_name_or_path, output_prefix=args.output_prefix,
+        handler=args.handler_name, json_keys=tuple(args.json_keys), append_eod=args.append_eod,
+        seq_length=args.seq_length, workers=args.workers, batch_size=args.batch_size,
+        skip_bad_records=args.skip_bad_records, tokenizer_type=args.tokenizer_type,
+        log_interval=args.log_interval, progress=not args.no_progress)
+    try:
+        result = preprocess(options)
+    except AquilaNpuError as exc:
+        print(f"aquila-npu preprocess: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aquila-npu preprocess: interrupted; no dataset was written", file=sys.stderr)
+        return 130
+    print(f"preprocess: {result.summary()}")
+    for key, prefix in result.outputs.items():
+        print(f"  {key}: {prefix}.bin / .idx ({result.dtypes[key]}, {result.tokens[key]:,} tokens)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
