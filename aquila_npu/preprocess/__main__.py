@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--append-eod", action="store_true", help="end each sample with the eos (end-of-document) id")
     parser.add_argument("--seq-length", type=int, default=None,
                         help="drop (and count) samples of this many tokens or more, as ModelLink does")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is the same for any)")
+    parser.add_argument("--workers", type=int, default=1, help="tokenizer threads, one core each (output is the same for any)")
     parser.add_argument("--log-interval", type=int, default=1000,
                         help="documents between progress lines when not on a terminal")
     parser.add_argument("--tokenizer-not-use-fast", action="store_true",

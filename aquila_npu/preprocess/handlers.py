@@ -1,8 +1,9 @@
 """What a record becomes: the pretraining and the instruction (Alpaca) handlers.
 
 A handler is a small picklable object: the fields it reads, the datasets it writes, and ``encode`` that turns a
-batch of validated texts into flat token arrays plus per-sample lengths. ``encode`` runs in the worker processes, so
-this module imports only numpy (the tokenizer arrives as a ``tokenizers.Tokenizer``).
+batch of validated texts into flat token arrays plus per-sample lengths. ``encode`` runs on the worker threads; the
+tokenizer arrives as a ``tokenizers.Tokenizer`` (the backend of the ``transformers`` tokenizer, so the ids are
+``tokenizer(text)``'s).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def render_alpaca(instruction: str, context: str) -> str:
     return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def _ids(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    # encode_batch_fast skips the character offsets we never read (about 10% faster); older tokenizers lack it
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
+
+
 def _flat(ids: list[list[int]], dtype) -> np.ndarray:
     total = sum(map(len, ids))
     return np.fromiter(chain.from_iterable(ids), dtype=dtype, count=total)
@@ -87,7 +94,7 @@ class PretrainHandler:
     def encode(self, tokenizer, columns: dict[str, list[str]]) -> EncodedBatch:
         result = EncodedBatch({})
         for key in self.keys:
-            ids = [e.ids for e in tokenizer.encode_batch(columns[key], add_special_tokens=True)]
+            ids = _ids(tokenizer, columns[key], add_special_tokens=True)
             if self.append_eod:
                 for sample in ids:
                     if sample:
@@ -133,8 +140,8 @@ class InstructionHandler:
 
     def encode(self, tokenizer, columns: dict[str, list[str]]) -> EncodedBatch:
         prompts = [render_alpaca(i, c) for i, c in zip(columns["instruction"], columns["input"])]
-        prompt_ids = [e.ids for e in tokenizer.encode_batch(prompts, add_special_tokens=False)]
-        response_ids = [e.ids for e in tokenizer.encode_batch(columns["output"], add_special_tokens=False)]
+        prompt_ids = _ids(tokenizer, prompts, add_special_tokens=False)
+        response_ids = _ids(tokenizer, columns["output"], add_special_tokens=False)
         if self.append_eod:
             for sample in response_ids:
                 sample.append(self.eod)
