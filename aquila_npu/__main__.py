@@ -86,7 +86,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from aquila_npu import quickstart
 
     return quickstart.run(quickstart.QuickstartOptions(
-        workdir=args.workdir, tokenizer=args.tokenizer, device=args.device, skip_tp2=args.skip_tp2, model=args.model))
+        workdir=args.workdir, tokenizer=args.tokenizer, device=args.device, skip_tp2=args.skip_tp2, model=args.model,
+        alpaca=args.alpaca))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="cpu, cuda or npu (default: automatic)")
     q.add_argument("--model", default=None, help="model spec (default: the model family's smoke-test model)")
     q.add_argument("--skip-tp2", action="store_true", help="skip the two-process tensor-parallel stage")
+    q.add_argument("--alpaca", default=None, help="Alpaca parquet for the preprocessing stage (default: the shared "
+                                                  "5,000 records, else the bundled sample)")
     q.set_defaults(func=cmd_quickstart)
     return parser
 

@@ -1,9 +1,10 @@
 """The CPU quickstart: the seed workflow end to end on the model family's tiny model, stage by stage.
 
 Stages so far: a random Hugging Face checkpoint of the family's tiny model, its tokenizer, the megatron-core model
-from our spec (one process, then two tensor-parallel processes) against ``transformers``, and weight conversion
-HF -> Megatron TP=2 -> HF (bit-exact) with megatron-core loading the converted checkpoint. Later stages of the
-workflow (preprocess -> pretrain -> finetune -> generate -> evaluate) are appended here as they land.
+from our spec (one process, then two tensor-parallel processes) against ``transformers``, weight conversion
+HF -> Megatron TP=2 -> HF (bit-exact) with megatron-core loading the converted checkpoint, and data preprocessing
+(Alpaca -> pretraining and instruction datasets, read back with megatron-core's IndexedDataset). Later stages of the
+workflow (pretrain -> finetune -> generate -> evaluate) are appended here as they land.
 """
 
 from __future__ import annotations
@@ -32,6 +33,46 @@ class QuickstartOptions:
     device: str | None = None
     skip_tp2: bool = False
     model: str | None = None  # default: the smoke-test model of the installed model family
+    alpaca: str | None = None  # Alpaca parquet; default: the shared 5,000 records, else the bundled 300
+
+
+def _alpaca_parquet(option: str | None) -> str:
+    candidates = [option] if option else [str(root / "alpaca" / name) for name in ("alpaca_5000.parquet",
+                                                                                   "alpaca_300.parquet")
+                                          for root in reversed(DATA_ROOTS)]
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    raise AquilaNpuError(f"no Alpaca parquet at {' or '.join(candidates)}; pass --alpaca FILE")
+
+
+def _preprocess_stage(work: Path, tokenizer_dir: str, alpaca: str) -> tuple[bool, str]:
+    """Both datasets of the seed's data step, read back with megatron-core and checked against the tokenizer."""
+    import numpy as np
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from aquila_npu.preprocess import PreprocessOptions, preprocess
+    from aquila_npu.preprocess.handlers import IGNORE_INDEX, render_alpaca
+    from aquila_npu.preprocess.writer import indexed_dataset_module
+
+    prefix = str(work / "data" / "alpaca")
+    common = dict(input=alpaca, tokenizer=tokenizer_dir, output_prefix=prefix, workers=2, progress=False)
+    pretrain = preprocess(PreprocessOptions(**common))
+    instruction = preprocess(PreprocessOptions(**common, handler="GeneralInstructionHandler", append_eod=True))
+    IndexedDataset = indexed_dataset_module().IndexedDataset
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    records = pq.read_table(alpaca, columns=["instruction", "input", "output", "text"]).to_pylist()
+    texts = IndexedDataset(pretrain.outputs["text"])
+    labels = IndexedDataset(instruction.outputs["labels"])
+    expected_texts = tokenizer([r["text"] for r in records])["input_ids"]
+    prompts = tokenizer([render_alpaca(r["instruction"], r["input"]) for r in records])["input_ids"]
+    ok = len(texts) == len(labels) == len(records) and all(
+        texts[i].tolist() == expected_texts[i] and int(np.sum(labels[i] == IGNORE_INDEX)) == len(prompts[i])
+        and labels[i][len(prompts[i])] != IGNORE_INDEX for i in range(len(records)))
+    return ok, (f"{len(records)} Alpaca records -> {os.path.basename(pretrain.outputs['text'])} "
+                f"({pretrain.tokens['text']:,} tokens) and the 3 instruction datasets (labels -100 over the "
+                f"prompt); {'equal to the tokenizer' if ok else 'DIFFERENT from the tokenizer'}")
 
 
 def _tokenizer_dir(option: str | None, family) -> str:
@@ -147,6 +188,11 @@ def run(options: QuickstartOptions) -> int:
         failed |= not ok
         stage("load converted TP=2", f"megatron-core loads the converted checkpoint; max |logit diff| vs "
                                      f"transformers {diff:.2e}", t, ok)
+
+    t = time.perf_counter()
+    ok, detail = _preprocess_stage(work, _tokenizer_dir(options.tokenizer, family), _alpaca_parquet(options.alpaca))
+    failed |= not ok
+    stage("preprocess", detail, t, ok)
 
     from aquila_npu.__main__ import _table
 

@@ -319,7 +319,7 @@ def test_skip_bad_records_skips_and_counts(tmp_path, tokenizer_dir, hf_tokenizer
 
 
 @pytest.mark.parametrize("case", ["missing column", "instruction without output", "unsupported format", "no input",
-                                  "no tokenizer", "nothing to write"])
+                                  "no tokenizer", "nothing to write", "damaged parquet", "cut-short JSON list"])
 def test_bad_input_one_line_error(tmp_path, capsys, tokenizer_dir, case):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"text": "hello"}) + "\n")
@@ -339,6 +339,13 @@ def test_bad_input_one_line_error(tmp_path, capsys, tokenizer_dir, case):
         args["--input"], message = str(tmp_path / "nothing.parquet"), "no such file or folder"
     elif case == "no tokenizer":
         args["--tokenizer-name-or-path"], message = str(tmp_path), "no tokenizer.json there"
+    elif case == "damaged parquet":
+        whole = _write_parquet(tmp_path / "x.parquet", {"text": ["hello"] * 100}).read_bytes()
+        (tmp_path / "x.parquet").write_bytes(whole[:len(whole) // 2])
+        args["--input"], message = str(tmp_path / "x.parquet"), "x.parquet: not a readable parquet file"
+    elif case == "cut-short JSON list":
+        (tmp_path / "x.json").write_text('[{"text": "a"}, {"text": "b"')
+        args["--input"], message = str(tmp_path / "x.json"), "x.json row 1: not valid JSON"
     elif case == "nothing to write":
         data.write_text(json.dumps({"text": ""}) + "\n")
         message = "no sample to write (1 records: 0 bad, 1 empty, 0 too long)"

@@ -109,9 +109,16 @@ def _parquet_batches(path, fields, optional, batch_size):
         raise AquilaNpuError(f"{path}: no column {', '.join(map(repr, absent))} (columns: {', '.join(names)}); "
                              f"pick the columns with --json-keys or another --handler-name")
     present = [f for f in fields + optional if f in names]
-    row = 0
-    for batch in parquet.iter_batches(batch_size=batch_size, columns=present):
-        columns = {name: batch.column(name).to_pylist() for name in present}
+    row, batches = 0, parquet.iter_batches(batch_size=batch_size, columns=present)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                return
+            columns = {name: batch.column(name).to_pylist() for name in present}
+        except Exception as exc:  # pyarrow's errors for damaged pages or invalid UTF-8 in a string column
+            raise AquilaNpuError(f"{path}: cannot read the rows from {row} on ({type(exc).__name__}: {exc}); "
+                                 f"repair or re-export the file") from None
         for name in optional:
             columns.setdefault(name, [MISSING] * batch.num_rows)
         yield RecordBatch(path, "row", list(range(row, row + batch.num_rows)), columns)
@@ -119,7 +126,8 @@ def _parquet_batches(path, fields, optional, batch_size):
 
 
 def _json_batches(path, fields, batch_size):
-    records = _json_records(path)
+    is_list = _is_list(path)
+    records = _json_list_records(path) if is_list else _json_lines_records(path)
     while True:
         positions, columns, bad = [], {name: [] for name in fields}, {}
         for position, record, problem in records:
@@ -136,7 +144,7 @@ def _json_batches(path, fields, batch_size):
                 break
         if not positions:
             return
-        yield RecordBatch(path, "row" if _is_list(path) else "line", positions, columns, bad)
+        yield RecordBatch(path, "row" if is_list else "line", positions, columns, bad)
 
 
 def _is_list(path: str) -> bool:
@@ -145,13 +153,9 @@ def _is_list(path: str) -> bool:
     return head.startswith(b"[")
 
 
-def _json_records(path: str):
-    """(position, record, problem) for each record. Undecodable bytes become lone surrogates
-    (``surrogateescape``), which the caller's text check reports with the record's position."""
-    return _json_list_records(path) if _is_list(path) else _json_lines_records(path)
-
-
 def _json_lines_records(path: str):
+    """(line number, record, problem) for each non-blank line. Undecodable bytes become lone surrogates
+    (``surrogateescape``), which ``as_text`` reports with the record's position."""
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             line = raw.decode("utf-8", "surrogateescape").strip()
