@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 
 def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-               seed: int = 1234) -> World:
+               seed: int = 1234, virtual_pipeline_model_parallel_size: int | None = None) -> World:
     """Initialise this process for megatron-core; returns the ``World`` (idempotent within a process)."""
     global _world
     if _world is not None:
@@ -58,7 +58,9 @@ def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, p
                                         init_method=f"tcp://127.0.0.1:{_free_port()}")
         from megatron.core import parallel_state, tensor_parallel
 
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size, pipeline_model_parallel_size)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size, pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     except BaseException:
         registry.revert()

@@ -9,7 +9,8 @@ from aquila_npu.specs import ModelSpec
 
 
 def build_gpt_model(spec: ModelSpec, *, kernels=None, pre_process: bool | None = None,
-                    post_process: bool | None = None, parallel_output: bool = True, **config_overrides: Any):
+                    post_process: bool | None = None, parallel_output: bool = True, vp_stage: int | None = None,
+                    **config_overrides: Any):
     """A ``GPTModel`` for this rank's tensor/pipeline slice (``aquila_npu.distributed.initialize`` first).
 
     ``config_overrides`` are ``TransformerConfig`` fields (e.g. ``params_dtype``, ``sequence_parallel``).
@@ -39,7 +40,7 @@ def build_gpt_model(spec: ModelSpec, *, kernels=None, pre_process: bool | None =
         post_process = parallel_state.is_pipeline_last_stage()
     return GPTModel(
         config=config,
-        transformer_layer_spec=layers.block_spec(kernels, config),
+        transformer_layer_spec=layers.block_spec(kernels, config, vp_stage=vp_stage),
         vocab_size=spec.padded_vocab_size(tp),
         max_sequence_length=spec.max_position_embeddings,
         pre_process=pre_process,
@@ -48,6 +49,7 @@ def build_gpt_model(spec: ModelSpec, *, kernels=None, pre_process: bool | None =
         share_embeddings_and_output_weights=not spec.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=int(spec.rotary_base),
+        vp_stage=vp_stage,
     )
 
 

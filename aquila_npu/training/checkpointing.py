@@ -1,0 +1,196 @@
+"""Training checkpoints in Megatron-LM's layout: ``torch_dist`` (megatron-core dist_checkpointing) or the per-rank
+``torch`` format, with optimizer, LR scheduler and RNG state, under ``{save}/iter_{N:07d}/`` and the tracker file
+``latest_checkpointed_iteration.txt``.
+
+An iteration is written to ``iter_{N:07d}.partial`` and renamed, and the tracker replaced, only after every rank has
+finished writing; a run killed while saving leaves the previous checkpoint as the latest, complete and loadable.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+from aquila_npu.errors import AquilaNpuError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+PARTIAL = ".partial"
+CHECKPOINT_VERSION = 3.0
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> tuple[str, int] | None:
+    """(folder, iteration) of the latest complete checkpoint under ``root``; None when there is none."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path, encoding="utf-8").read().strip()
+    if text == "release":
+        return os.path.join(root, "release"), 0
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise AquilaNpuError(f"{path}: expected an iteration number or 'release', found {text!r}") from None
+    return iteration_dir(root, iteration), iteration
+
+
+def rng_state() -> dict:
+    """This rank's random states, in Megatron-LM's keys; numpy's key array as a tensor so that the per-rank format
+    loads with weights_only."""
+    from megatron.core import tensor_parallel
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"random_rng_state": random.getstate(),
+             "np_rng_state": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             "torch_rng_state": torch.get_rng_state(),
+             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda_rng_state"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(_as_tuple(state["random_rng_state"]))
+    name, keys, pos, has_gauss, cached = state["np_rng_state"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch_rng_state"])
+    if "cuda_rng_state" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _model_keys(model) -> list[str]:
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _sharded_state(model, optimizer, scheduler, common: dict, with_optim: bool, with_rng: bool, loading: bool):
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = dict(common)
+    for key, chunk in zip(_model_keys(model), model):
+        state[key] = chunk.sharded_state_dict()
+    if with_optim:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading)
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    if with_rng:
+        state["rng_state"] = ShardedObject(
+            "rng_state", [rng_state()],
+            (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size()),
+            (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+            replica_id=parallel_state.get_data_parallel_rank())
+    return state
+
+
+def _rank_file(folder: str) -> str:
+    from megatron.core import parallel_state
+
+    tp, pp = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank()
+    name = f"mp_rank_{tp:02d}" if parallel_state.get_pipeline_model_parallel_world_size() == 1 \
+        else f"mp_rank_{tp:02d}_{pp:03d}"
+    return os.path.join(folder, name, "model_optim_rng.pt")
+
+
+def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt: str, with_optim: bool = True,
+         with_rng: bool = True, distributed_optimizer: bool = False) -> str:
+    """Write a checkpoint of ``iteration`` on every rank; returns its folder once it is complete and latest."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    final = iteration_dir(root, iteration)
+    work = final + PARTIAL
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(work, ignore_errors=True)  # debris of an earlier killed save
+        os.makedirs(work)
+    dist.barrier()
+    common = {"args": saved_args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
+    if fmt == "torch_dist":
+        dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common, with_optim, with_rng, False),
+                                work)
+    else:
+        state = dict(common)
+        for key, chunk in zip(_model_keys(model), model):
+            state[key] = chunk.state_dict()
+        if with_optim:
+            state["optimizer"] = optimizer.state_dict()
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        if with_rng:
+            state["rng_state"] = [rng_state()]
+        path = _rank_file(work)
+        if with_optim and distributed_optimizer:  # a collective: the shards gathered to data-parallel rank 0
+            optimizer.save_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+        if parallel_state.get_data_parallel_rank() == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(state, path)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(work, final)
+        tracker = os.path.join(root, TRACKER)
+        with open(tracker + PARTIAL, "w", encoding="utf-8") as f:
+            f.write(str(iteration))
+        os.replace(tracker + PARTIAL, tracker)
+    dist.barrier()
+    return final
+
+
+def load(root: str, model, optimizer, scheduler, fmt: str | None, with_optim: bool, with_rng: bool):
+    """Load the latest checkpoint under ``root`` into the model (and optimizer, scheduler, RNG when asked);
+    returns (iteration, saved args). ``fmt`` None: whichever format the folder holds."""
+    from megatron.core import dist_checkpointing
+
+    found = read_tracker(root)
+    if found is None:
+        raise AquilaNpuError(f"--load {root}: no {TRACKER} there; give the --save folder of a training run or "
+                             f"a converted checkpoint")
+    folder, iteration = found
+    if not os.path.isdir(folder):
+        raise AquilaNpuError(f"--load {root}: the tracker names {os.path.basename(folder)}, which is missing")
+    is_dist = os.path.isfile(os.path.join(folder, "metadata.json"))
+    if is_dist:
+        common = dist_checkpointing.load_common_state_dict(folder)
+        if with_optim and "opt_param_scheduler" not in common:
+            raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
+                                 f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
+        sharded = _sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True)
+        state = dist_checkpointing.load(sharded, folder)
+    else:
+        from aquila_npu.convert.megatron_format import _safe_load
+
+        path = _rank_file(folder)
+        if not os.path.isfile(path):
+            raise AquilaNpuError(f"--load {folder}: no {os.path.relpath(path, folder)}; the checkpoint was saved "
+                                 f"with another tensor/pipeline split (convert it with python -m aquila_npu.convert)")
+        state = _safe_load(path)
+        common = state
+        if with_optim and "optimizer" not in state:
+            raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
+                                 f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
+    for key, chunk in zip(_model_keys(model), model):
+        chunk.load_state_dict(state[key], strict=True)
+    if with_optim:
+        optimizer.load_state_dict(state["optimizer"])
+        distrib = os.path.join(os.path.dirname(_rank_file(folder)), "distrib_optim.pt")
+        if not is_dist and os.path.isfile(distrib):
+            optimizer.load_parameter_state(distrib)
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    if with_rng and "rng_state" in state:
+        set_rng_state(state["rng_state"][0])
+    return iteration, common.get("args")
+

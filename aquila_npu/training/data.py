@@ -1,0 +1,164 @@
+"""Training data: megatron-core's GPTDataset for pretraining, the packed instruction datasets for fine-tuning, and
+the micro-batch stream of one data-parallel rank.
+
+Every rank reads its own samples (tensor- and pipeline-parallel peers read the same ones) instead of receiving them
+by broadcast: the datasets are memory-mapped, so this costs little and needs no data-parallel plumbing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from aquila_npu.errors import AquilaNpuError
+from aquila_npu.preprocess.handlers import IGNORE_INDEX
+
+
+class DatasetTokenizer:
+    """What megatron-core's GPTDataset asks of a tokenizer: end-of-document and pad ids, vocabulary size, and
+    identifiers for its index cache."""
+
+    def __init__(self, path: str | None, vocab_size: int) -> None:
+        if path is None:  # --mock-data without a tokenizer
+            self.eod, self.pad, self.vocab_size = vocab_size - 1, 0, vocab_size
+        else:
+            from aquila_npu.preprocess import load_tokenizer
+
+            hf = load_tokenizer(path)
+            if hf.eos_token_id is None:
+                raise AquilaNpuError(f"--tokenizer-name-or-path {path}: the tokenizer has no eos (end-of-document) "
+                                     f"token")
+            self.eod, self.vocab_size = hf.eos_token_id, len(hf)
+            self.pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
+        self.unique_identifiers = {"class": type(self).__name__, "path": path, "vocab_size": self.vocab_size}
+
+
+def sample_counts(args) -> list[int]:
+    """Train / validation / test samples the run will draw (Megatron-LM's arithmetic)."""
+    gbs = args.global_batch_size
+    evals = args.train_iters // args.eval_interval + 1 if args.eval_iters else 0
+    return [args.train_iters * gbs, evals * args.eval_iters * gbs, args.eval_iters * gbs]
+
+
+def build_datasets(args, tokenizer: DatasetTokenizer):
+    """(train, valid, test) datasets; None where the split is empty."""
+    if args.is_instruction_dataset:
+        return instruction_datasets(args, tokenizer)
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if not args.mock_data:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        for prefix in get_blend_from_list(args.data_path)[0]:
+            if not IndexedDataset.exists(prefix):
+                raise AquilaNpuError(f"--data-path {prefix}: no {prefix}.bin/.idx; give the prefix the preprocessing "
+                                     f"step wrote (e.g. dataset/alpaca_text_document)")
+    config = GPTDatasetConfig(
+        random_seed=args.seed, sequence_length=args.seq_length,
+        blend=None if args.mock_data else get_blend_from_list(args.data_path), split=args.split,
+        # without shared storage every rank keeps its indices in memory: no two nodes race on one cache file
+        path_to_cache=None if args.no_shared_storage else args.data_cache_path,
+        tokenizer=tokenizer, reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask, eod_mask_loss=args.eod_mask_loss,
+        create_attention_mask=False, mid_level_dataset_surplus=0.005)
+    cls = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(cls, sample_counts(args), lambda: True, config).build()
+
+
+class InstructionDataset(torch.utils.data.Dataset):
+    """Samples of a GeneralInstructionHandler output: one record a sample, shuffled anew each epoch, inputs
+    ``input_ids[:-1]`` and labels ``labels[1:]`` padded to the sequence length; the loss mask is where the label is
+    not IGNORE_INDEX (prompt and padding carry no loss)."""
+
+    def __init__(self, prefix: str, records: np.ndarray, num_samples: int, seq_length: int, seed: int,
+                 pad: int) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.input_ids = IndexedDataset(f"{prefix}_packed_input_ids_document")
+        self.labels = IndexedDataset(f"{prefix}_packed_labels_document")
+        self.seq_length, self.pad = seq_length, pad
+        epochs = max(1, math.ceil(num_samples / max(len(records), 1)))
+        self.order = np.concatenate([np.random.RandomState(seed + epoch).permutation(records)
+                                     for epoch in range(epochs)])[:num_samples]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        record = int(self.order[index])
+        ids = np.asarray(self.input_ids[record][:self.seq_length + 1], dtype=np.int64)
+        labels = np.asarray(self.labels[record][:self.seq_length + 1], dtype=np.int64)
+        tokens = np.full(self.seq_length, self.pad, dtype=np.int64)
+        targets = np.full(self.seq_length, IGNORE_INDEX, dtype=np.int64)
+        tokens[:len(ids) - 1] = ids[:-1]
+        targets[:len(labels) - 1] = labels[1:]
+        loss_mask = (targets != IGNORE_INDEX).astype(np.float32)
+        targets[targets == IGNORE_INDEX] = self.pad  # a valid id; the loss mask removes it
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(targets),
+                "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.arange(self.seq_length)}
+
+
+def _split_bounds(split: str, total: int) -> list[tuple[int, int]]:
+    from megatron.core.datasets.utils import normalize
+
+    weights = normalize([float(x) for x in split.replace("/", ",").split(",")])
+    weights += [0.0] * (3 - len(weights))
+    cuts = [0] + [round(sum(weights[:i + 1]) * total) for i in range(3)]
+    return [(cuts[i], cuts[i + 1]) for i in range(3)]
+
+
+def instruction_datasets(args, tokenizer: DatasetTokenizer):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    prefix = args.data_path[0]
+    for key in ("input_ids", "labels"):
+        if not IndexedDataset.exists(f"{prefix}_packed_{key}_document"):
+            raise AquilaNpuError(f"--data-path {prefix}: no {prefix}_packed_{key}_document.bin/.idx; give the "
+                                 f"--output-prefix of a GeneralInstructionHandler preprocessing run")
+    total = len(IndexedDataset(f"{prefix}_packed_input_ids_document"))
+    datasets = []
+    for (start, end), samples, offset in zip(_split_bounds(args.split, total), sample_counts(args), (0, 1, 2)):
+        if end > start and samples:
+            datasets.append(InstructionDataset(prefix, np.arange(start, end), samples, args.seq_length,
+                                               args.seed + 1000 * offset, tokenizer.pad))
+        else:
+            datasets.append(None)
+    return tuple(datasets)
+
+
+@dataclass
+class RankBatches:
+    """Megatron's pretraining sampler: global batches in order from ``consumed`` on; this data-parallel rank takes
+    its micro-batch slice of each group of ``micro * dp`` samples."""
+
+    total: int
+    consumed: int
+    micro_batch_size: int
+    dp_rank: int
+    dp_size: int
+
+    def __iter__(self):
+        step = self.micro_batch_size * self.dp_size
+        start = self.dp_rank * self.micro_batch_size
+        for first in range(self.consumed, self.total - step + 1, step):
+            yield list(range(first + start, first + start + self.micro_batch_size))
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.consumed) // (self.micro_batch_size * self.dp_size))
+
+
+def micro_batch_iterator(dataset, consumed: int, micro_batch_size: int, num_workers: int):
+    """An iterator of this rank's micro-batches (dicts of tensors), starting after ``consumed`` samples."""
+    from megatron.core import parallel_state
+
+    if dataset is None:
+        return None
+    sampler = RankBatches(len(dataset), consumed, micro_batch_size, parallel_state.get_data_parallel_rank(),
+                          parallel_state.get_data_parallel_world_size())
+    return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                            persistent_workers=num_workers > 0))

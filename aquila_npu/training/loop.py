@@ -1,0 +1,356 @@
+"""The megatron-core training driver: model, optimizer and schedule set up as Megatron-LM's ``pretrain`` does, from
+megatron-core's own pieces (GPTModel from our spec, DistributedDataParallel, get_megatron_optimizer,
+OptimizerParamScheduler, get_forward_backward_func, dist_checkpointing), with Megatron-LM's log lines.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import sys
+import time
+from functools import partial
+
+import torch
+
+from aquila_npu import distributed, plugin_manager
+from aquila_npu.errors import AquilaNpuError
+from aquila_npu.specs import ModelSpec
+from aquila_npu.training import checkpointing, data
+from aquila_npu.training.arguments import ARCHITECTURE
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_spec(args, plugins, vocab_size: int | None) -> ModelSpec:
+    """--model's spec with the explicit architecture flags applied, or a spec from the flags alone."""
+    overrides = {f: getattr(args, f) for f in ARCHITECTURE if getattr(args, f) is not None}
+    if not args.group_query_attention:
+        overrides.pop("num_query_groups", None)  # Megatron ignores it without --group-query-attention
+    if args.model:
+        _, spec = plugins.find_model(args.model, args.plugin or None)
+        if not args.group_query_attention and "num_attention_heads" in overrides:
+            overrides["num_query_groups"] = overrides["num_attention_heads"]
+        spec = spec.replace(**overrides)
+    else:
+        missing = [f"--{f.replace('_', '-')}" for f in ("num_layers", "hidden_size", "num_attention_heads")
+                   if f not in overrides]
+        if missing:
+            raise AquilaNpuError(f"give --model NAME (see aquila-npu plugins) or the architecture flags "
+                                 f"({', '.join(missing)} missing)")
+        if not args.swiglu:
+            raise AquilaNpuError("the driver builds SwiGLU / RMSNorm / RoPE models (Aquila2, Llama): add --swiglu")
+        if vocab_size is None:
+            raise AquilaNpuError("--tokenizer-name-or-path: needed for the vocabulary size without --model")
+        heads = overrides["num_attention_heads"]
+        overrides.setdefault("num_query_groups", heads)
+        overrides.setdefault("ffn_hidden_size", 4 * overrides["hidden_size"])
+        overrides.setdefault("max_position_embeddings", args.seq_length)
+        spec = ModelSpec(name="from-flags", seq_length=args.seq_length, vocab_size=vocab_size,
+                         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+                         add_bias_linear=not args.disable_bias_linear, **overrides)
+    if vocab_size is not None and vocab_size > spec.vocab_size:
+        raise AquilaNpuError(f"the tokenizer has {vocab_size} ids but {spec.name} only {spec.vocab_size}")
+    return spec
+
+
+def _dtype_name(args) -> str:
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+
+
+class Trainer:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.plugins = plugin_manager.get()
+        if args.plugin:
+            self.plugins.require(args.plugin)
+        self.tokenizer = None
+        if args.tokenizer_name_or_path:
+            self.tokenizer = data.DatasetTokenizer(args.tokenizer_name_or_path, 0)
+        self.spec = resolve_spec(args, self.plugins, self.tokenizer.vocab_size if self.tokenizer else None)
+        if self.tokenizer is None:
+            self.tokenizer = data.DatasetTokenizer(None, self.spec.vocab_size)
+        self.dtype = DTYPES[_dtype_name(args)]
+        tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+        self.vp = None
+        if args.num_layers_per_virtual_pipeline_stage:
+            per_stage = self.spec.num_layers // pp
+            if pp < 2 or per_stage % args.num_layers_per_virtual_pipeline_stage:
+                raise AquilaNpuError(f"--num-layers-per-virtual-pipeline-stage "
+                                     f"{args.num_layers_per_virtual_pipeline_stage}: needs pipeline parallelism and "
+                                     f"must divide the {per_stage} layers of a stage")
+            self.vp = per_stage // args.num_layers_per_virtual_pipeline_stage
+        self.world = distributed.initialize(args.device, tp, pp, seed=args.seed,
+                                            virtual_pipeline_model_parallel_size=self.vp)
+        from megatron.core import parallel_state
+
+        self.dp = parallel_state.get_data_parallel_world_size()
+        if args.global_batch_size is None:
+            args.global_batch_size = args.micro_batch_size * self.dp
+        if args.global_batch_size % (args.micro_batch_size * self.dp):
+            raise AquilaNpuError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
+                                 f"--micro-batch-size x data-parallel size ({args.micro_batch_size} x {self.dp})")
+        self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp)
+        self.sequence_parallel = args.sequence_parallel and tp > 1
+        self._build_model_and_optimizer()
+
+    # --- set-up ---------------------------------------------------------------------------------------------
+    def _build_model_and_optimizer(self) -> None:
+        from megatron.core import parallel_state
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        from aquila_npu.model import build_gpt_model
+
+        args = self.args
+        chunks = []
+        for stage in range(self.vp or 1):
+            vp_stage = stage if self.vp else None
+            chunk = build_gpt_model(
+                self.spec, vp_stage=vp_stage,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                params_dtype=self.dtype, pipeline_dtype=self.dtype, sequence_parallel=self.sequence_parallel,
+                hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+                virtual_pipeline_model_parallel_size=self.vp)
+            if args.fp16 or args.bf16:
+                chunk = Float16Module(chunk.config, chunk)
+            chunks.append(chunk)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=args.bf16, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=args.use_distributed_optimizer)
+        self.model = [DistributedDataParallel(config=c.config if hasattr(c, "config") else c.module.config,
+                                              ddp_config=ddp_config, module=c, disable_bucketing=i > 0)
+                      for i, c in enumerate(chunks)]
+        self.optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer=args.optimizer, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            fp16=args.fp16, bf16=args.bf16, params_dtype=self.dtype, loss_scale=args.loss_scale,
+            initial_loss_scale=args.initial_loss_scale, min_loss_scale=args.min_loss_scale,
+            loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis, adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
+            use_distributed_optimizer=args.use_distributed_optimizer, clip_grad=args.clip_grad), self.model)
+        gbs = args.global_batch_size
+        decay_iters = args.lr_decay_iters or args.train_iters
+        warmup_iters = (int(args.lr_warmup_fraction * decay_iters) if args.lr_warmup_fraction is not None
+                        else args.lr_warmup_iters)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup_iters * gbs,
+            lr_decay_steps=decay_iters * gbs, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+            end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant")
+        config = self.model[0].config
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.finalize_model_grads_func = finalize_model_grads
+        config.no_sync_func = [m.no_sync for m in self.model] if len(self.model) > 1 else self.model[0].no_sync
+
+    def saved_args(self, consumed_train: int, consumed_valid: int):
+        from aquila_npu.convert.megatron_format import Parallelism, megatron_args
+
+        saved = megatron_args(self.spec, Parallelism(self.args.tensor_model_parallel_size,
+                                                     self.args.pipeline_model_parallel_size, self.vp or 1),
+                              self.dtype)
+        saved.consumed_train_samples, saved.consumed_valid_samples = consumed_train, consumed_valid
+        for key in ("micro_batch_size", "global_batch_size", "train_iters", "lr", "min_lr", "seed",
+                    "data_path", "split", "is_instruction_dataset", "sequence_parallel", "use_distributed_optimizer"):
+            setattr(saved, key, getattr(self.args, key))
+        saved.seq_length = self.args.seq_length
+        return saved
+
+    # --- steps ----------------------------------------------------------------------------------------------
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        device = self.world.torch_device
+        tokens = batch["tokens"].to(device)
+        labels = batch["labels"].to(device)
+        loss_mask = batch["loss_mask"].to(device)
+        position_ids = batch["position_ids"].to(device)
+        output = model(tokens, position_ids, None, labels=labels)
+        return output, partial(_masked_loss, loss_mask)
+
+    def _iterators(self, dataset, consumed: int):
+        if dataset is None:
+            return None
+        iterators = [data.micro_batch_iterator(dataset, consumed, self.args.micro_batch_size, self.args.num_workers)
+                     for _ in range(self.vp or 1)]
+        return iterators if self.vp else iterators[0]
+
+    def _run(self, iterators, forward_only: bool) -> torch.Tensor | None:
+        """One global batch through the schedule; the [loss sum, tokens] over it and the data-parallel group on the
+        last pipeline stage, else None."""
+        from megatron.core import parallel_state
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=iterators, model=self.model,
+            num_microbatches=self.num_microbatches, seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only)
+        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            return None
+        total = torch.stack([item["lm loss"] for item in losses]).sum(dim=0).float()
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return total
+
+    def train_step(self, iterators):
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        total = self._run(iterators, forward_only=False)
+        updated, grad_norm, _ = self.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=self.args.global_batch_size)
+        return total, grad_norm, not updated
+
+    def evaluate(self, dataset, consumed: int) -> float | None:
+        for chunk in self.model:
+            chunk.eval()
+        iterators = self._iterators(dataset, consumed)
+        total = torch.zeros(2)
+        with torch.no_grad():
+            for _ in range(self.args.eval_iters):
+                result = self._run(iterators, forward_only=True)
+                if result is not None:
+                    total += result.cpu()
+        for chunk in self.model:
+            chunk.train()
+        return (total[0] / total[1]).item() if total[1] > 0 else None
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def train(self) -> list[tuple[int, float]]:
+        args = self.args
+        iteration, consumed_train, consumed_valid = 0, 0, 0
+        if args.load:
+            with_optim = not (args.finetune or args.no_load_optim)
+            iteration, saved = checkpointing.load(args.load, self.model, self.optimizer, self.scheduler,
+                                                  args.ckpt_format, with_optim,
+                                                  not (args.finetune or args.no_load_rng))
+            if args.finetune:
+                iteration = 0
+            elif saved is not None:
+                consumed_train = getattr(saved, "consumed_train_samples", iteration * args.global_batch_size)
+                consumed_valid = getattr(saved, "consumed_valid_samples", 0)
+            _print_last(f"loaded {args.load} at iteration {iteration}"
+                        f"{' (weights only: --finetune)' if args.finetune else ''}")
+        train_ds, valid_ds, _ = data.build_datasets(args, self.tokenizer)
+        if train_ds is None:
+            raise AquilaNpuError(f"--split {args.split}: the training split is empty")
+        iterators = self._iterators(train_ds, consumed_train)
+        writer = _tensorboard(args.tensorboard_dir)
+        history: list[tuple[int, float]] = []
+        interval = {"loss": torch.zeros(2), "iterations": 0, "skipped": 0, "nan": 0, "start": time.perf_counter()}
+        skipped_total = 0
+        tokens_per_iteration = args.global_batch_size * args.seq_length
+        devices = torch.distributed.get_world_size()
+        _print_last(f"training {self.spec.name}: TP={args.tensor_model_parallel_size} "
+                    f"PP={args.pipeline_model_parallel_size}{f' VP={self.vp}' if self.vp else ''} DP={self.dp}, "
+                    f"{self.num_microbatches} micro-batches of {args.micro_batch_size} x {args.seq_length} tokens, "
+                    f"{_dtype_name(args)}, on {self.world.device}")
+        while iteration < args.train_iters:
+            total, grad_norm, skipped = self.train_step(iterators)
+            iteration += 1
+            consumed_train += args.global_batch_size
+            skipped_total += int(skipped)
+            if total is not None:
+                loss = (total[0] / total[1]).item()
+                history.append((iteration, loss))
+                interval["loss"] += total.cpu()
+                interval["nan"] += int(not math.isfinite(loss))
+            interval["iterations"] += 1
+            interval["skipped"] += int(skipped)
+            if iteration % args.log_interval == 0:
+                elapsed = (time.perf_counter() - interval["start"]) / interval["iterations"]
+                loss = (interval["loss"][0] / interval["loss"][1]).item() if interval["loss"][1] > 0 else None
+                tokens_per_device = tokens_per_iteration / elapsed / devices
+                line = (f" iteration {iteration:8d}/{args.train_iters:8d} | consumed samples: {consumed_train:12d} | "
+                        f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | s/step: {elapsed:.3f} | "
+                        f"tokens/p/s: {tokens_per_device:.1f} | learning rate: "
+                        f"{self.optimizer.param_groups[0]['lr']:.6E} | global batch size: {args.global_batch_size:5d} |"
+                        + (f" lm loss: {loss:.6E} |" if loss is not None else "")
+                        + f" loss scale: {self.optimizer.get_loss_scale().item():.1f} |"
+                        + (f" grad norm: {grad_norm:.3f} |" if grad_norm is not None else "")
+                        + f" number of skipped iterations: {interval['skipped']:3d} | number of nan iterations: "
+                          f"{interval['nan']:3d} | peak memory (GB): {_peak_memory_gb():.2f} |")
+                _print_last(line)
+                if writer is not None and loss is not None:
+                    writer.add_scalar("lm loss", loss, iteration)
+                    writer.add_scalar("learning-rate", self.optimizer.param_groups[0]["lr"], iteration)
+                    writer.add_scalar("tokens per second per device", tokens_per_device, iteration)
+                interval = {"loss": torch.zeros(2), "iterations": 0, "skipped": 0, "nan": 0,
+                            "start": time.perf_counter()}
+            if valid_ds is not None and args.eval_iters and iteration % args.eval_interval == 0:
+                value = self.evaluate(valid_ds, consumed_valid)
+                consumed_valid += args.eval_iters * args.global_batch_size
+                if value is not None:
+                    _print_last(f"validation loss at iteration {iteration} | lm loss value: {value:.6E} | "
+                                f"lm loss PPL: {math.exp(min(value, 20)):.6E} |")
+                    if writer is not None:
+                        writer.add_scalar("validation lm loss", value, iteration)
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                self.save(iteration, consumed_train, consumed_valid)
+            if args.exit_interval and iteration % args.exit_interval == 0:
+                break
+        if args.save and (not args.save_interval or iteration % args.save_interval):
+            self.save(iteration, consumed_train, consumed_valid)
+        if writer is not None:
+            writer.close()
+        return history
+
+    def save(self, iteration: int, consumed_train: int, consumed_valid: int) -> None:
+        start = time.perf_counter()
+        folder = checkpointing.save(self.args.save, iteration, self.model, self.optimizer, self.scheduler,
+                                    self.saved_args(consumed_train, consumed_valid), self.args.ckpt_format,
+                                    with_optim=not self.args.no_save_optim, with_rng=not self.args.no_save_rng,
+                                    distributed_optimizer=self.args.use_distributed_optimizer)
+        _print_last(f"saved checkpoint at iteration {iteration} to {folder} ({self.args.ckpt_format}, "
+                    f"{time.perf_counter() - start:.1f} s)")
+
+
+def _masked_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Megatron-LM's loss: the mean over tokens whose mask is set; reported as [sum, tokens] so logging can
+    average over micro-batches and data-parallel ranks exactly."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    tokens = mask.sum().to(torch.int)
+    return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.float()])}
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _tensorboard(folder: str | None):
+    if not folder:
+        return None
+    if torch.distributed.get_rank() != torch.distributed.get_world_size() - 1:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise AquilaNpuError("--tensorboard-dir: install tensorboard (pip install tensorboard)") from None
+    return SummaryWriter(log_dir=folder)
+
+
+def _print_last(message: str) -> None:
+    """Megatron-LM's print_rank_last: the last rank holds the loss."""
+    if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
+        print(message, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from aquila_npu.training.arguments import parse
+
+    try:
+        args = parse(argv)
+        trainer = Trainer(args)
+        trainer.train()
+    except AquilaNpuError as exc:
+        print(f"aquila-npu pretrain: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed._world is not None:
+            distributed.shutdown()
+    return 0
