@@ -144,6 +144,4 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                              "of the GeneralInstructionHandler preprocessing run)")
     if not args.mock_data and not args.tokenizer_name_or_path:
         raise AquilaNpuError("--tokenizer-name-or-path: needed to read the dataset (its end-of-document id)")
-    if args.save_interval is not None and not args.save:
-        raise AquilaNpuError("--save-interval: also give --save DIR")
     return args

@@ -72,6 +72,13 @@ def _as_tuple(value):
     return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def _unwrapped(model) -> list:
+    """The GPTModels inside the DDP / Float16Module wrappers: checkpoints hold the model's own key names."""
+    from megatron.core.utils import unwrap_model
+
+    return unwrap_model(model)
+
+
 def _model_keys(model) -> list[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
@@ -81,7 +88,7 @@ def _sharded_state(model, optimizer, scheduler, common: dict, with_optim: bool, 
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     state = dict(common)
-    for key, chunk in zip(_model_keys(model), model):
+    for key, chunk in zip(_model_keys(model), _unwrapped(model)):
         state[key] = chunk.sharded_state_dict()
     if with_optim:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading)
@@ -124,7 +131,7 @@ def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt
                                 work)
     else:
         state = dict(common)
-        for key, chunk in zip(_model_keys(model), model):
+        for key, chunk in zip(_model_keys(model), _unwrapped(model)):
             state[key] = chunk.state_dict()
         if with_optim:
             state["optimizer"] = optimizer.state_dict()
@@ -182,7 +189,7 @@ def load(root: str, model, optimizer, scheduler, fmt: str | None, with_optim: bo
         if with_optim and "optimizer" not in state:
             raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
                                  f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
-    for key, chunk in zip(_model_keys(model), model):
+    for key, chunk in zip(_model_keys(model), _unwrapped(model)):
         chunk.load_state_dict(state[key], strict=True)
     if with_optim:
         optimizer.load_state_dict(state["optimizer"])
