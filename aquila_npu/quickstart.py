@@ -3,8 +3,9 @@
 Stages so far: a random Hugging Face checkpoint of the family's tiny model, its tokenizer, the megatron-core model
 from our spec (one process, then two tensor-parallel processes) against ``transformers``, weight conversion
 HF -> Megatron TP=2 -> HF (bit-exact) with megatron-core loading the converted checkpoint, and data preprocessing
-(Alpaca -> pretraining and instruction datasets, read back with megatron-core's IndexedDataset). Later stages of the
-workflow (pretrain -> finetune -> generate -> evaluate) are appended here as they land.
+(Alpaca -> pretraining and instruction datasets, read back with megatron-core's IndexedDataset), pretraining and
+instruction fine-tuning with the megatron-core driver, and the fine-tuned checkpoint converted back to Hugging Face
+(--verify). Later stages of the workflow (generate -> evaluate) are appended here as they land.
 """
 
 from __future__ import annotations
@@ -44,6 +45,30 @@ def _alpaca_parquet(option: str | None) -> str:
         if os.path.isfile(candidate):
             return candidate
     raise AquilaNpuError(f"no Alpaca parquet at {' or '.join(candidates)}; pass --alpaca FILE")
+
+
+TRAIN_FLAGS = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-decay-style", "cosine",
+               "--lr-warmup-fraction", "0.1", "--split", "100,0,0", "--log-interval", "1", "--eval-iters", "0"]
+
+
+def _train(model: str, tokenizer_dir: str, flags: list[str], device: str | None) -> tuple[list[float], str]:
+    """The megatron-core driver in a process of its own; (losses by iteration, output)."""
+    import re
+
+    command = [sys.executable, "-m", "aquila_npu.pretrain", "--model", model, "--tokenizer-name-or-path",
+               tokenizer_dir, *TRAIN_FLAGS, *flags] + (["--device", device] if device else [])
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        raise AquilaNpuError(f"training failed (exit {result.returncode}):\n{tail}")
+    losses = [float(m.group(1)) for m in re.finditer(r"\| lm loss: ([0-9.E+-]+) \|", output)]
+    return losses, output
+
+
+def _falls(losses: list[float]) -> tuple[bool, str]:
+    head, tail = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    return tail < head, f"loss {head:.2f} -> {tail:.2f} (first / last 3 iterations)"
 
 
 def _preprocess_stage(work: Path, tokenizer_dir: str, alpaca: str) -> tuple[bool, str]:
@@ -193,6 +218,36 @@ def run(options: QuickstartOptions) -> int:
     ok, detail = _preprocess_stage(work, _tokenizer_dir(options.tokenizer, family), _alpaca_parquet(options.alpaca))
     failed |= not ok
     stage("preprocess", detail, t, ok)
+
+    tokenizer_dir = _tokenizer_dir(options.tokenizer, family)
+    t = time.perf_counter()
+    pretrained = str(work / "checkpoints" / "pretrain")
+    losses, _ = _train(spec.name, tokenizer_dir, ["--data-path", str(work / "data" / "alpaca_text_document"),
+                                                  "--seq-length", "64", "--train-iters", "20", "--save", pretrained,
+                                                  "--save-interval", "20"],
+                       options.device)
+    ok, detail = _falls(losses)
+    failed |= not ok
+    stage("pretrain", f"megatron-core driver, 20 iterations on the Alpaca text: {detail}; torch_dist checkpoint at "
+                      f"{pretrained}", t, ok)
+
+    t = time.perf_counter()
+    finetuned = str(work / "checkpoints" / "finetune")
+    losses, _ = _train(spec.name, tokenizer_dir, ["--data-path", str(work / "data" / "alpaca"),
+                                                  "--is-instruction-dataset", "--seq-length", "128",
+                                                  "--train-iters", "20", "--load", pretrained, "--finetune",
+                                                  "--save", finetuned], options.device)
+    ok, detail = _falls(losses)
+    failed |= not ok
+    stage("finetune", f"--finetune --is-instruction-dataset, 20 iterations, loss on response tokens only: {detail}",
+          t, ok)
+
+    t = time.perf_counter()
+    trained_hf = str(work / "hf-finetuned")
+    result = convert(ConvertOptions(load_dir=finetuned, save_dir=trained_hf, load_model_type="mg",
+                                    save_model_type="hf", overwrite=True, progress=False, verify=True))
+    stage("convert trained", f"the fine-tuned checkpoint -> Hugging Face at {trained_hf}; --verify max |logit "
+                             f"diff| {result.max_logit_diff:.2e}", t)
 
     from aquila_npu.__main__ import _table
 
