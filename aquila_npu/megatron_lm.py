@@ -122,6 +122,16 @@ def aquila_npu_register_patches(registry, device):
         reason="given a layer spec (--spec), megatron-core builds the block's final norm from this module-level "
                "default (Apex/torch), not from the spec; use the device's norm, which supports sequence parallelism")
 
+    registry.register(
+        "megatron.training.arguments.parse_args", _parse_args_with_plugins, owner="megatron-lm",
+        reason="Megatron-LM's parser takes one extra_args_provider; chain the plugins' aquila_npu_add_arguments "
+               "hook (--is-instruction-dataset) after the script's own")
+    registry.register(
+        "megatron.training.training.build_train_valid_test_datasets", _instruction_datasets_when_asked,
+        owner="megatron-lm",
+        reason="--is-instruction-dataset: the packed GeneralInstructionHandler datasets (loss on response tokens "
+               "only) instead of the script's GPTDataset provider")
+
     wheel_helpers = _wheel_dataset_helpers()
     if wheel_helpers and sys.argv and not _checkout_has_helpers(sys.argv[0]):
         def load_wheel_helpers():
@@ -142,3 +152,52 @@ def aquila_npu_register_patches(registry, device):
         registry.register(
             "megatron.core.datasets.utils.compile_helpers", lambda original: lambda: None, owner="megatron-lm",
             reason="nothing to compile: the dataset helpers come prebuilt from the megatron-core wheel")
+
+
+@hookimpl
+def aquila_npu_add_arguments(parser):
+    group = parser.add_argument_group("aquila-npu")
+    group.add_argument("--is-instruction-dataset", action="store_true",
+                       help="--data-path is the --output-prefix of a GeneralInstructionHandler preprocessing run: "
+                            "train on its packed samples, loss on response tokens only")
+
+
+def _parse_args_with_plugins(original):
+    def parse_args(extra_args_provider=None, ignore_unknown_args=False):
+        from aquila_npu import plugin_manager
+
+        def provider(parser):
+            if extra_args_provider is not None:
+                parser = extra_args_provider(parser)
+            plugin_manager.get().hook.aquila_npu_add_arguments(parser=parser)
+            return parser
+
+        return original(provider, ignore_unknown_args)
+
+    return parse_args
+
+
+def _instruction_datasets_when_asked(original):
+    def build_train_valid_test_datasets(provider, train_valid_test_num_samples=None, *args, **kwargs):
+        from megatron.training import get_args
+
+        margs = get_args()
+        if getattr(margs, "is_instruction_dataset", False):
+            provider = _instruction_provider
+        return original(provider, train_valid_test_num_samples, *args, **kwargs)
+
+    return build_train_valid_test_datasets
+
+
+def _instruction_provider(train_valid_test_num_samples, vp_stage=None):
+    from megatron.training import get_args
+
+    from aquila_npu.training.data import DatasetTokenizer, instruction_datasets
+
+    args = get_args()
+    if not args.data_path or len(args.data_path) != 1:
+        raise AquilaNpuError("--is-instruction-dataset: give exactly one --data-path PREFIX (the --output-prefix of "
+                             "a GeneralInstructionHandler preprocessing run)")
+    pad = DatasetTokenizer(args.tokenizer_model, 0).pad
+    return instruction_datasets(args.data_path[0], args.split, list(train_valid_test_num_samples), args.seq_length,
+                                args.seed, pad, create_attention_mask=args.create_attention_mask_in_dataloader)

@@ -156,6 +156,9 @@ class ModelSpec:
             "--make-vocab-size-divisible-by": str(self.make_vocab_size_divisible_by),
             "--init-method-std": _number(self.init_method_std),
             "--attention-softmax-in-fp32": None,
+            # the spec's TransformerConfig has no dropout (Aquila2 trains without); Megatron-LM defaults to 0.1
+            "--attention-dropout": "0.0",
+            "--hidden-dropout": "0.0",
         }
         if self.group_query_attention:
             flags["--group-query-attention"] = None

@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true")
-    g.add_argument("--attention-dropout", type=float, default=0.0)
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=None, help="default: the spec's (0 for Aquila2)")
+    g.add_argument("--hidden-dropout", type=float, default=None, help="default: the spec's (0 for Aquila2)")
     g.add_argument("--device", default=None, help="cpu, cuda or npu (default: automatic)")
     for flag, required in ACCEPTED_VALUES.items():
         g.add_argument(flag, default=None, help=f"accepted for Megatron-LM scripts{f' (must be {required})' if required else ''}")

@@ -46,7 +46,8 @@ def sample_counts(args) -> list[int]:
 def build_datasets(args, tokenizer: DatasetTokenizer):
     """(train, valid, test) datasets; None where the split is empty."""
     if args.is_instruction_dataset:
-        return instruction_datasets(args, tokenizer)
+        return instruction_datasets(args.data_path[0], args.split, sample_counts(args), args.seq_length, args.seed,
+                                    tokenizer.pad)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.core.datasets.utils import get_blend_from_list
@@ -76,12 +77,15 @@ class InstructionDataset(torch.utils.data.Dataset):
     not IGNORE_INDEX (prompt and padding carry no loss)."""
 
     def __init__(self, prefix: str, records: np.ndarray, num_samples: int, seq_length: int, seed: int,
-                 pad: int) -> None:
+                 pad: int, create_attention_mask: bool = False) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.input_ids = IndexedDataset(f"{prefix}_packed_input_ids_document")
         self.labels = IndexedDataset(f"{prefix}_packed_labels_document")
         self.seq_length, self.pad = seq_length, pad
+        # Megatron-LM's data loader may ask for GPTDataset's causal mask (True = masked out)
+        self.attention_mask = (torch.tril(torch.ones(1, seq_length, seq_length)) < 0.5) if create_attention_mask \
+            else None
         epochs = max(1, math.ceil(num_samples / max(len(records), 1)))
         self.order = np.concatenate([np.random.RandomState(seed + epoch).permutation(records)
                                      for epoch in range(epochs)])[:num_samples]
@@ -99,8 +103,11 @@ class InstructionDataset(torch.utils.data.Dataset):
         targets[:len(labels) - 1] = labels[1:]
         loss_mask = (targets != IGNORE_INDEX).astype(np.float32)
         targets[targets == IGNORE_INDEX] = self.pad  # a valid id; the loss mask removes it
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(targets),
-                "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.arange(self.seq_length)}
+        sample = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(targets),
+                  "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.arange(self.seq_length)}
+        if self.attention_mask is not None:
+            sample["attention_mask"] = self.attention_mask
+        return sample
 
 
 def _split_bounds(split: str, total: int) -> list[tuple[int, int]]:
@@ -112,20 +119,21 @@ def _split_bounds(split: str, total: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(3)]
 
 
-def instruction_datasets(args, tokenizer: DatasetTokenizer):
+def instruction_datasets(prefix: str, split: str, counts: list[int], seq_length: int, seed: int, pad: int,
+                         create_attention_mask: bool = False):
+    """(train, valid, test) InstructionDatasets over the records of ``prefix``, divided by ``split``."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    prefix = args.data_path[0]
     for key in ("input_ids", "labels"):
         if not IndexedDataset.exists(f"{prefix}_packed_{key}_document"):
             raise AquilaNpuError(f"--data-path {prefix}: no {prefix}_packed_{key}_document.bin/.idx; give the "
                                  f"--output-prefix of a GeneralInstructionHandler preprocessing run")
     total = len(IndexedDataset(f"{prefix}_packed_input_ids_document"))
     datasets = []
-    for (start, end), samples, offset in zip(_split_bounds(args.split, total), sample_counts(args), (0, 1, 2)):
+    for (start, end), samples, offset in zip(_split_bounds(split, total), counts, (0, 1, 2)):
         if end > start and samples:
-            datasets.append(InstructionDataset(prefix, np.arange(start, end), samples, args.seq_length,
-                                               args.seed + 1000 * offset, tokenizer.pad))
+            datasets.append(InstructionDataset(prefix, np.arange(start, end), samples, seq_length,
+                                               seed + 1000 * offset, pad, create_attention_mask))
         else:
             datasets.append(None)
     return tuple(datasets)

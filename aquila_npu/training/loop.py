@@ -85,6 +85,7 @@ class Trainer:
                                             virtual_pipeline_model_parallel_size=self.vp)
         from megatron.core import parallel_state
 
+        _set_random_seed(args.seed)
         self.dp = parallel_state.get_data_parallel_world_size()
         if args.global_batch_size is None:
             args.global_batch_size = args.micro_batch_size * self.dp
@@ -107,6 +108,7 @@ class Trainer:
         from aquila_npu.model import build_gpt_model
 
         args = self.args
+        dropout = {k: getattr(args, k) for k in ("hidden_dropout", "attention_dropout") if getattr(args, k) is not None}
         chunks = []
         for stage in range(self.vp or 1):
             vp_stage = stage if self.vp else None
@@ -115,8 +117,7 @@ class Trainer:
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 params_dtype=self.dtype, pipeline_dtype=self.dtype, sequence_parallel=self.sequence_parallel,
-                hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-                virtual_pipeline_model_parallel_size=self.vp)
+                virtual_pipeline_model_parallel_size=self.vp, **dropout)
             if args.fp16 or args.bf16:
                 chunk = Float16Module(chunk.config, chunk)
             chunks.append(chunk)
@@ -132,13 +133,14 @@ class Trainer:
             loss_scale_window=args.loss_scale_window, hysteresis=args.hysteresis, adam_beta1=args.adam_beta1,
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, sgd_momentum=args.sgd_momentum,
             use_distributed_optimizer=args.use_distributed_optimizer, clip_grad=args.clip_grad), self.model)
+        # Megatron-LM's arithmetic, in samples: the warmup fraction is of the decay samples and stays fractional
         gbs = args.global_batch_size
-        decay_iters = args.lr_decay_iters or args.train_iters
-        warmup_iters = (int(args.lr_warmup_fraction * decay_iters) if args.lr_warmup_fraction is not None
-                        else args.lr_warmup_iters)
+        decay_steps = (args.lr_decay_iters or args.train_iters) * gbs
+        warmup_steps = (args.lr_warmup_fraction * decay_steps if args.lr_warmup_fraction is not None
+                        else args.lr_warmup_iters * gbs)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup_iters * gbs,
-            lr_decay_steps=decay_iters * gbs, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+            self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup_steps,
+            lr_decay_steps=decay_steps, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
             end_wd=args.weight_decay, wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant")
         config = self.model[0].config
         config.grad_scale_func = self.optimizer.scale_loss
@@ -236,9 +238,10 @@ class Trainer:
         if train_ds is None:
             raise AquilaNpuError(f"--split {args.split}: the training split is empty")
         iterators = self._iterators(train_ds, consumed_train)
+        start_iteration = iteration
         writer = _tensorboard(args.tensorboard_dir)
         history: list[tuple[int, float]] = []
-        interval = {"loss": torch.zeros(2), "iterations": 0, "skipped": 0, "nan": 0, "start": time.perf_counter()}
+        interval = _new_interval()
         skipped_total = 0
         tokens_per_iteration = args.global_batch_size * args.seq_length
         devices = torch.distributed.get_world_size()
@@ -254,13 +257,20 @@ class Trainer:
             if total is not None:
                 loss = (total[0] / total[1]).item()
                 history.append((iteration, loss))
-                interval["loss"] += total.cpu()
-                interval["nan"] += int(not math.isfinite(loss))
+                # Megatron-LM's interval loss: the mean of the iterations' losses, skipped iterations left out
+                if skipped:
+                    interval["nan"] += int(not math.isfinite(loss))
+                else:
+                    interval["loss"] += loss
+                    interval["advanced"] += 1
             interval["iterations"] += 1
             interval["skipped"] += int(skipped)
-            if iteration % args.log_interval == 0:
+            # Megatron-LM logs the first iteration of every run too, without resetting the interval's sums, so
+            # its next line averages from there; the same here, so that logs and parsers agree line for line
+            first = iteration == start_iteration + 1
+            if iteration % args.log_interval == 0 or first:
                 elapsed = (time.perf_counter() - interval["start"]) / interval["iterations"]
-                loss = (interval["loss"][0] / interval["loss"][1]).item() if interval["loss"][1] > 0 else None
+                loss = interval["loss"] / interval["advanced"] if interval["advanced"] else None
                 tokens_per_device = tokens_per_iteration / elapsed / devices
                 line = (f" iteration {iteration:8d}/{args.train_iters:8d} | consumed samples: {consumed_train:12d} | "
                         f"elapsed time per iteration (ms): {elapsed * 1000:.1f} | s/step: {elapsed:.3f} | "
@@ -276,8 +286,8 @@ class Trainer:
                     writer.add_scalar("lm loss", loss, iteration)
                     writer.add_scalar("learning-rate", self.optimizer.param_groups[0]["lr"], iteration)
                     writer.add_scalar("tokens per second per device", tokens_per_device, iteration)
-                interval = {"loss": torch.zeros(2), "iterations": 0, "skipped": 0, "nan": 0,
-                            "start": time.perf_counter()}
+                if not first:
+                    interval = _new_interval()
             if valid_ds is not None and args.eval_iters and iteration % args.eval_interval == 0:
                 value = self.evaluate(valid_ds, consumed_valid)
                 consumed_valid += args.eval_iters * args.global_batch_size
@@ -304,6 +314,25 @@ class Trainer:
                                     distributed_optimizer=self.args.use_distributed_optimizer)
         _print_last(f"saved checkpoint at iteration {iteration} to {folder} ({self.args.ckpt_format}, "
                     f"{time.perf_counter() - start:.1f} s)")
+
+
+def _new_interval() -> dict:
+    return {"loss": 0.0, "advanced": 0, "iterations": 0, "skipped": 0, "nan": 0, "start": time.perf_counter()}
+
+
+def _set_random_seed(seed: int) -> None:
+    """Megatron-LM's seeding (``_set_random_seed``): one seed per pipeline stage, the same across tensor- and
+    data-parallel ranks, for python, numpy, torch and the model-parallel RNG tracker."""
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
 def _masked_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -70,3 +70,50 @@ def test_megatron_lm_loads_converted_checkpoints_in_both_formats(tmp_path, token
         assert "successfully loaded checkpoint" in output
         losses[fmt] = _first_loss(output)
     assert losses["torch"] == losses["torch_dist"]
+
+
+@pytest.fixture(scope="module")
+def upstream_data(tmp_path_factory, tokenizer_dir):
+    from conftest import BUNDLED_DATA
+
+    from aquila_npu.preprocess import PreprocessOptions, preprocess
+
+    root = tmp_path_factory.mktemp("upstream-data")
+    common = dict(input=str(BUNDLED_DATA / "alpaca" / "alpaca_300.parquet"), tokenizer=str(tokenizer_dir),
+                  output_prefix=str(root / "alpaca"), progress=False, append_eod=True)
+    text = preprocess(PreprocessOptions(**common)).outputs["text"]
+    preprocess(PreprocessOptions(**common, handler="GeneralInstructionHandler"))
+    return {"text": text, "instruction": str(root / "alpaca")}
+
+
+@pytest.mark.parametrize("data", ["text", "instruction"])
+def test_upstream_route_and_driver_train_to_the_same_losses(tmp_path, tokenizer_dir, tiny_hf_dir, upstream_data,
+                                                            data):
+    """pretrain_gpt.py --plugin aquila2 and python -m aquila_npu.pretrain, same starting weights, data, seed and
+    schedule, TP=2: the same loss at every iteration (pretraining text, and --is-instruction-dataset)."""
+    start = tmp_path / "start"
+    run_python("-m", "aquila_npu.convert", "--load-dir", str(tiny_hf_dir), "--save-dir", str(start),
+               "--ckpt-format", "torch_dist", "--no-progress", check=True)
+    shared = ["--tensor-model-parallel-size", "2", "--seq-length", "64", "--micro-batch-size", "2",
+              "--global-batch-size", "4", "--train-iters", "6", "--lr", "1e-3", "--lr-decay-style", "cosine",
+              "--lr-warmup-fraction", "0.1", "--split", "100,0,0", "--seed", "1234", "--log-interval", "1",
+              "--eval-interval", "100", "--eval-iters", "0", "--load", str(start), "--finetune",
+              "--data-path", upstream_data[data]]
+    if data == "instruction":
+        shared.append("--is-instruction-dataset")
+    upstream = run_python(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        str(Path(MEGATRON_LM_PATH) / "pretrain_gpt.py"), "--plugin", "aquila2", "--model", "aquila2-tiny",
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir), *shared,
+        "--no-load-optim", "--no-load-rng", cwd=MEGATRON_LM_PATH, timeout=900)
+    driver = run_python(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "aquila_npu.pretrain",
+        "--plugin", "aquila2", "--model", "aquila2-tiny", "--tokenizer-name-or-path", str(tokenizer_dir), *shared,
+        timeout=900)
+    losses = {}
+    for name, result in (("upstream", upstream), ("driver", driver)):
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{name}:\n{output[-4000:]}"
+        losses[name] = {int(m.group(1)): float(m.group(3)) for m in LOSS.finditer(output)}
+    assert sorted(losses["upstream"]) == list(range(1, 7))
+    assert losses["driver"] == losses["upstream"]
