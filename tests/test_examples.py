@@ -1,0 +1,57 @@
+"""The example launch scripts: their flags parse in the driver and describe the plugin's own model specs, on both
+routes (torchrun is replaced by a stand-in that records its arguments)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import REPO
+
+SCRIPTS = {"pretrain_aquila2_7b_ptd.sh": ("aquila2-7b", 8, 1, False),
+           "pretrain_aquila2_34b_ptd_16p.sh": ("aquila2-34b", 8, 2, False),
+           "finetune_aquila2_7b_ptd.sh": ("aquila2-7b", 8, 1, True),
+           "finetune_aquila2_34b_ptd_16p.sh": ("aquila2-34b", 8, 2, True)}
+
+
+def _launched(tmp_path, script: str, route: str) -> tuple[str, list[str]]:
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir(exist_ok=True)
+    fake.write_text('#!/bin/bash\necho "$PWD"\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "CKPT_SAVE_DIR": "save", "DATA_PATH": "data",
+           "TOKENIZER_PATH": "tok", "CKPT_LOAD_DIR": "load", "ROUTE": route,
+           "MEGATRON_LM_PATH": str(tmp_path / "megatron-lm")}
+    (tmp_path / "megatron-lm").mkdir(exist_ok=True)
+    result = subprocess.run(["bash", str(REPO / "examples" / "aquila2" / script)], capture_output=True, text=True,
+                            env=env, check=True)
+    lines = result.stdout.splitlines()
+    return lines[0], lines[1:]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_driver_route_flags_parse_and_match_the_spec(tmp_path, script):
+    from aquila_npu import plugin_manager
+    from aquila_npu.training.arguments import parse
+    from aquila_npu.training.loop import resolve_spec
+
+    model, tp, pp, finetune = SCRIPTS[script]
+    _, argv = _launched(tmp_path, script, "driver")
+    assert argv[argv.index("-m") + 1] == "aquila_npu.pretrain"
+    args = parse(argv[argv.index("-m") + 2:])
+    assert (args.model, args.tensor_model_parallel_size, args.pipeline_model_parallel_size) == (model, tp, pp)
+    assert (args.finetune, args.is_instruction_dataset) == (finetune, finetune)
+    plugins = plugin_manager.get()
+    # the scripts spell out the architecture as the seed does; it must be exactly the plugin's spec
+    assert resolve_spec(args, plugins, None) == plugins.find_model(model)[1]
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_megatron_lm_route_uses_megatron_lm_names(tmp_path, script):
+    cwd, argv = _launched(tmp_path, script, "megatron-lm")
+    assert cwd == str(tmp_path / "megatron-lm")
+    assert argv[argv.index("pretrain_gpt.py") + 1:][:4] == ["--plugin", "aquila2", "--model", SCRIPTS[script][0]]
+    assert "--tokenizer-model" in argv and "--tokenizer-name-or-path" not in argv
+    assert argv[argv.index("--tokenizer-type") + 1] == "HuggingFaceTokenizer"
