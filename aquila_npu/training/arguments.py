@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None, help="the same as --tokenizer-name-or-path (Megatron-LM)")
     g.add_argument("--is-instruction-dataset", action="store_true",
                    help="--data-path is a GeneralInstructionHandler output prefix: loss on response tokens only")
-    g.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes (Megatron-LM's default)")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--no-shared-storage", action="store_true",
                    help="nodes do not share a filesystem: each node builds the dataset index caches it needs")
