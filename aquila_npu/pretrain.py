@@ -1,4 +1,4 @@
-"""``torchrun --nproc-per-node N -m aquila_npu.pretrain --plugin aquila2 --model aquila2-7b ...`` (also
+"""``torchrun --nproc-per-node N -m aquila_npu.pretrain --plugin FAMILY --model NAME ...`` (also
 ``aquila-npu pretrain``): pretrain or fine-tune on megatron-core alone, with Megatron-LM's flags.
 
 Fine-tuning is the same command with ``--load CKPT --finetune`` and, for instruction data, ``--is-instruction-dataset``

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Pretrain or fine-tune a model family's model on megatron-core.")
     g = p.add_argument_group("model")
     g.add_argument("--plugin", action="append", default=[], help="model-family plugin(s) to use (default: all)")
-    g.add_argument("--model", default=None, help="a named model spec, e.g. aquila2-7b (architecture flags override)")
+    g.add_argument("--model", default=None, help="a named model spec (see aquila-npu plugins; architecture flags override)")
     for field, kind in ARCHITECTURE.items():
         g.add_argument("--" + field.replace("_", "-"), type=kind, default=None)
     g.add_argument("--group-query-attention", action="store_true")
