@@ -89,6 +89,24 @@ def test_tensor_pipeline_and_data_parallel_follow_one_process(datasets, initial_
 
 
 @pytest.mark.slow
+def test_interleaved_pipeline_follows_one_process(tmp_path, datasets, tiny_spec):
+    """PP=2 with two virtual stages each (4 layers: one a chunk) against one process, from the same weights."""
+    from aquila_npu import parity
+    from aquila_npu.convert import ConvertOptions, convert
+
+    parity.save_random_hf_model(tiny_spec.replace(num_layers=4), str(tmp_path / "hf"))
+    convert(ConvertOptions(load_dir=str(tmp_path / "hf"), save_dir=str(tmp_path / "start"), ckpt_format="torch_dist",
+                           progress=False))
+    flags = [*COMMON, "--num-layers", "4", "--data-path", datasets["text"], "--train-iters", "6",
+             "--global-batch-size", "8", "--load", str(tmp_path / "start"), "--finetune"]
+    reference, _ = train(*flags)
+    interleaved, output = train(*flags, "--pipeline-model-parallel-size", "2",
+                                "--num-layers-per-virtual-pipeline-stage", "1", nproc=2)
+    assert "PP=2 VP=2" in output
+    _close(interleaved, reference, 1e-3)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt_format", ["torch_dist", "torch"])
 def test_resume_from_iteration_5_matches_an_uninterrupted_run(tmp_path, datasets, ckpt_format):
     flags = [*COMMON, "--data-path", datasets["text"], "--train-iters", "10", "--ckpt-format", ckpt_format]

@@ -109,6 +109,10 @@ class Trainer:
 
         args = self.args
         dropout = {k: getattr(args, k) for k in ("hidden_dropout", "attention_dropout") if getattr(args, k) is not None}
+        # gloo runs a batch of P2P operations one at a time, and the interleaved schedule's batched sends and
+        # receives between the same two ranks then pair up the wrong tensors (measured: PP=2 x VP=2 loses the
+        # non-interleaved losses from the first step); unbatched P2P keeps them in order
+        p2p = {"batch_p2p_comm": False} if self.plugins.backend(self.world.device) == "gloo" else {}
         chunks = []
         for stage in range(self.vp or 1):
             vp_stage = stage if self.vp else None
@@ -117,7 +121,7 @@ class Trainer:
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 params_dtype=self.dtype, pipeline_dtype=self.dtype, sequence_parallel=self.sequence_parallel,
-                virtual_pipeline_model_parallel_size=self.vp, **dropout)
+                virtual_pipeline_model_parallel_size=self.vp, **dropout, **p2p)
             if args.fp16 or args.bf16:
                 chunk = Float16Module(chunk.config, chunk)
             chunks.append(chunk)
