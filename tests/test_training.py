@@ -54,12 +54,22 @@ def _close(a: dict, b: dict, rtol: float) -> None:
 
 
 @pytest.mark.slow
-def test_pretraining_loss_falls_clearly_over_30_iterations(datasets):
-    losses, output = train(*COMMON, "--data-path", datasets["text"], "--train-iters", "30")
+def test_pretraining_loss_falls_clearly_over_30_iterations(tmp_path, datasets):
+    losses, output = train(*COMMON, "--data-path", datasets["text"], "--train-iters", "30", "--tensorboard-dir",
+                           str(tmp_path / "tb"), "--data-cache-path", str(tmp_path / "cache"))
+    assert any((tmp_path / "cache").rglob("*.npy")), "GPTDataset's index cache goes to --data-cache-path"
     assert sorted(losses) == list(range(1, 31))
     first, last = np.mean([losses[i] for i in (1, 2, 3)]), np.mean([losses[i] for i in (28, 29, 30)])
     assert last < first - 1.5, (first, last)
     assert "tokens/p/s:" in output and "s/step:" in output
+    # the TensorBoard events, read back with TensorBoard's own reader, hold the logged losses
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("lm loss")}
+    assert sorted(logged) == list(range(1, 31))
+    assert logged[30] == pytest.approx(losses[30], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +92,9 @@ def test_tensor_pipeline_and_data_parallel_follow_one_process(datasets, initial_
     _close(tp2, reference, 1e-3)
     pp2, _ = train(*flags, "--pipeline-model-parallel-size", "2", nproc=2)
     _close(pp2, reference, 1e-3)
-    dp2, _ = train(*flags, nproc=2)
+    # without shared storage no rank writes (or waits for) a dataset index cache file
+    dp2, _ = train(*flags, "--no-shared-storage", "--data-cache-path", str(initial_weights) + "-cache", nproc=2)
+    assert not Path(str(initial_weights) + "-cache").exists()
     dp2_distributed, _ = train(*flags, "--use-distributed-optimizer", nproc=2)
     _close(dp2, reference, 1e-3)
     _close(dp2_distributed, dp2, 1e-5)
