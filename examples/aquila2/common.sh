@@ -11,6 +11,8 @@ MASTER_PORT=${MASTER_PORT:-6000}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 ROUTE=${ROUTE:-driver}
+: "${TOKENIZER_PATH:?set TOKENIZER_PATH (the tokenizer folder)}" "${DATA_PATH:?set DATA_PATH (the dataset prefix)}"
+: "${CKPT_LOAD_DIR:?set CKPT_LOAD_DIR (the converted checkpoint)}" "${CKPT_SAVE_DIR:?set CKPT_SAVE_DIR}"
 DISTRIBUTED_ARGS="--nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
     --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
 

@@ -3,8 +3,6 @@
 # NODE_RANK=0/1 and MASTER_ADDR of node 0; NNODES defaults to 2 here. ROUTE=megatron-lm for Megatron-LM.
 NNODES=${NNODES:-2}
 source "$(dirname "$0")/common.sh"
-CKPT_SAVE_DIR=${CKPT_SAVE_DIR:?}; DATA_PATH=${DATA_PATH:?}; TOKENIZER_PATH=${TOKENIZER_PATH:?}
-CKPT_LOAD_DIR=${CKPT_LOAD_DIR:?}
 
 launch aquila2-34b $AQUILA2_ARGS $OUTPUT_ARGS \
     --tensor-model-parallel-size 8 --pipeline-model-parallel-size 2 \

@@ -1,8 +1,6 @@
 #!/bin/bash
 # Aquila2-7B pretraining on 8 NPUs (TP8/PP1), the seed guide's settings. ROUTE=megatron-lm for Megatron-LM.
 source "$(dirname "$0")/common.sh"
-CKPT_SAVE_DIR=${CKPT_SAVE_DIR:?}; DATA_PATH=${DATA_PATH:?}; TOKENIZER_PATH=${TOKENIZER_PATH:?}
-CKPT_LOAD_DIR=${CKPT_LOAD_DIR:?}
 
 launch aquila2-7b $AQUILA2_ARGS $OUTPUT_ARGS \
     --tensor-model-parallel-size 8 --pipeline-model-parallel-size 1 \

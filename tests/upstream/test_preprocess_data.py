@@ -13,12 +13,6 @@ import pytest
 from conftest import BUNDLED_DATA, run_python
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.slow,
-    pytest.mark.skipif(not MEGATRON_LM_PATH, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tag "
-                                                    "core_v0.16.1) to compare with its tools/preprocess_data.py"),
-]
 
 
 def test_same_bytes_as_megatron_lm_preprocess_data(tmp_path, tokenizer_dir):

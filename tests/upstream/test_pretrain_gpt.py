@@ -15,12 +15,6 @@ import pytest
 from conftest import run_python
 
 MEGATRON_LM_PATH = os.environ.get("MEGATRON_LM_PATH")
-pytestmark = [
-    pytest.mark.upstream,
-    pytest.mark.slow,
-    pytest.mark.skipif(not MEGATRON_LM_PATH, reason="set MEGATRON_LM_PATH to a Megatron-LM checkout (tag "
-                                                    "core_v0.16.1) to test the pretrain_gpt.py --plugin route"),
-]
 LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss: ([0-9.E+-]+) \|")
 
 
