@@ -62,12 +62,16 @@ def synthetic_hf(path: Path, layers: int, shard_bytes: int = 2 * 2**30) -> int:
     return total
 
 
+# the step, then `sync`: each step pays for writing its own bytes to disk, none inherits another's dirty pages
 PEAK_OF_CHILD = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+                 "subprocess.run(['sync'], check=True); "
                  "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
 def timed(command: list[str]) -> tuple[float, float]:
-    """(seconds, peak RSS in GB) of one command, measured by a fresh parent so steps do not mix."""
+    """(seconds, peak RSS in GB) of one command and the `sync` of its writes, measured by a fresh parent so steps
+    do not mix; earlier writes are flushed before the clock starts."""
+    subprocess.run(["sync"], check=True)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *command], check=True, capture_output=True,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
