@@ -259,3 +259,22 @@ def test_seed_flag_set_is_accepted(tmp_path):
                   "--distributed-backend", "nccl"]
     losses, output = train(*seed_flags)
     assert list(losses) == [1] and "training from-flags" in output
+
+
+@pytest.mark.parametrize("case", ["no dataset", "no checkpoint", "converted checkpoint without --finetune"])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case, datasets, tiny_hf_dir):
+    flags = [*COMMON, "--train-iters", "1", "--data-path", datasets["text"]]
+    if case == "no dataset":
+        flags[-1], message = str(tmp_path / "nothing_text_document"), "nothing_text_document.bin/.idx; give the prefix"
+    elif case == "no checkpoint":
+        flags += ["--load", str(tmp_path)]
+        message = "no latest_checkpointed_iteration.txt there"
+    else:
+        run_python("-m", "aquila_npu.convert", "--load-dir", str(tiny_hf_dir), "--save-dir", str(tmp_path / "mg"),
+                   "--no-progress", check=True)
+        flags += ["--load", str(tmp_path / "mg")]
+        message = "holds no optimizer state (a converted checkpoint?); add --finetune"
+    result = run_python("-m", "aquila_npu.pretrain", *flags)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("aquila-npu pretrain: error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]

@@ -246,7 +246,6 @@ class Trainer:
         writer = _tensorboard(args.tensorboard_dir)
         history: list[tuple[int, float]] = []
         interval = _new_interval()
-        skipped_total = 0
         tokens_per_iteration = args.global_batch_size * args.seq_length
         devices = torch.distributed.get_world_size()
         _print_last(f"training {self.spec.name}: TP={args.tensor_model_parallel_size} "
@@ -257,7 +256,6 @@ class Trainer:
             total, grad_norm, skipped = self.train_step(iterators)
             iteration += 1
             consumed_train += args.global_batch_size
-            skipped_total += int(skipped)
             if total is not None:
                 loss = (total[0] / total[1]).item()
                 history.append((iteration, loss))
@@ -304,7 +302,7 @@ class Trainer:
                 self.save(iteration, consumed_train, consumed_valid)
             if args.exit_interval and iteration % args.exit_interval == 0:
                 break
-        if args.save and (not args.save_interval or iteration % args.save_interval):
+        if args.save and iteration > start_iteration and (not args.save_interval or iteration % args.save_interval):
             self.save(iteration, consumed_train, consumed_valid)
         if writer is not None:
             writer.close()
