@@ -192,12 +192,11 @@ def _instruction_datasets_when_asked(original):
 def _instruction_provider(train_valid_test_num_samples, vp_stage=None):
     from megatron.training import get_args
 
+    from aquila_npu.training.arguments import instruction_prefix
     from aquila_npu.training.data import DatasetTokenizer, instruction_datasets
 
     args = get_args()
-    if not args.data_path or len(args.data_path) != 1:
-        raise AquilaNpuError("--is-instruction-dataset: give exactly one --data-path PREFIX (the --output-prefix of "
-                             "a GeneralInstructionHandler preprocessing run)")
+    prefix = instruction_prefix(args.data_path)
     pad = DatasetTokenizer(args.tokenizer_model, 0).pad
-    return instruction_datasets(args.data_path[0], args.split, list(train_valid_test_num_samples), args.seq_length,
+    return instruction_datasets(prefix, args.split, list(train_valid_test_num_samples), args.seq_length,
                                 args.seed, pad, create_attention_mask=args.create_attention_mask_in_dataloader)

@@ -47,23 +47,29 @@ def _alpaca_parquet(option: str | None) -> str:
     raise AquilaNpuError(f"no Alpaca parquet at {' or '.join(candidates)}; pass --alpaca FILE")
 
 
+def _run_step(command: list[str], what: str, threads: int) -> str:
+    """A stage's subprocess; its output, or an error with the last lines of it."""
+    result = subprocess.run(command, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        tail = "\n".join(output.strip().splitlines()[-15:])
+        raise AquilaNpuError(f"{what} failed (exit {result.returncode}):\n{tail}")
+    return output
+
+
 TRAIN_FLAGS = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-decay-style", "cosine",
                "--lr-warmup-fraction", "0.1", "--split", "100,0,0", "--log-interval", "1", "--eval-iters", "0"]
 
 
-def _train(model: str, tokenizer_dir: str, flags: list[str], device: str | None) -> tuple[list[float], str]:
-    """The megatron-core driver in a process of its own; (losses by iteration, output)."""
+def _train(model: str, tokenizer_dir: str, flags: list[str], device: str | None) -> list[float]:
+    """The megatron-core driver in a process of its own; its losses by iteration."""
     import re
 
     command = [sys.executable, "-m", "aquila_npu.pretrain", "--model", model, "--tokenizer-name-or-path",
                tokenizer_dir, *TRAIN_FLAGS, *flags] + (["--device", device] if device else [])
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
-        tail = "\n".join(output.strip().splitlines()[-15:])
-        raise AquilaNpuError(f"training failed (exit {result.returncode}):\n{tail}")
-    losses = [float(m.group(1)) for m in re.finditer(r"\| lm loss: ([0-9.E+-]+) \|", output)]
-    return losses, output
+    output = _run_step(command, "training", threads=2)
+    return [float(m.group(1)) for m in re.finditer(r"\| lm loss: ([0-9.E+-]+) \|", output)]
 
 
 def _falls(losses: list[float]) -> tuple[bool, str]:
@@ -126,10 +132,7 @@ def _megatron_logits(model_dir: str, tokens_file: str, out: str, tp: int, device
     if tp > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
                    *command[1:]]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if result.returncode != 0:
-        tail = "\n".join(result.stderr.strip().splitlines()[-15:])
-        raise AquilaNpuError(f"megatron-core at TP={tp} failed (exit {result.returncode}):\n{tail}")
+    _run_step(command, f"megatron-core at TP={tp}", threads=1)
     return load_file(out)["logits"]
 
 
@@ -152,6 +155,8 @@ def run(options: QuickstartOptions) -> int:
     failed = False
 
     def stage(name: str, detail: str, started: float, ok: bool = True) -> None:
+        nonlocal failed
+        failed |= not ok
         stages.append({"stage": name, "result": "ok" if ok else "FAIL", "seconds": f"{time.perf_counter() - started:.1f}",
                        "detail": detail})
         print(f"[{'ok' if ok else 'FAIL'}] {name}: {detail}", flush=True)
@@ -164,7 +169,8 @@ def run(options: QuickstartOptions) -> int:
     stage("model", f"random {spec.name} in Hugging Face layout at {hf_dir}", t)
 
     t = time.perf_counter()
-    tokens = parity.encode(_tokenizer_dir(options.tokenizer, family))
+    tokenizer_dir = _tokenizer_dir(options.tokenizer, family)
+    tokens = parity.encode(tokenizer_dir)
     tokens_file = str(work / "tokens.json")
     with open(tokens_file, "w", encoding="utf-8") as f:
         json.dump(tokens.tolist(), f)
@@ -178,7 +184,6 @@ def run(options: QuickstartOptions) -> int:
     tp1 = _megatron_logits(hf_dir, tokens_file, str(work / "logits-tp1.safetensors"), 1, options.device)
     diff = (tp1 - reference).abs().max().item()
     ok = diff <= PARITY_TOLERANCE_HF
-    failed |= not ok
     stage("megatron-core TP=1", f"max |logit diff| vs transformers {diff:.2e} (tolerance {PARITY_TOLERANCE_HF:g})",
           t, ok)
 
@@ -187,7 +192,6 @@ def run(options: QuickstartOptions) -> int:
         tp2 = _megatron_logits(hf_dir, tokens_file, str(work / "logits-tp2.safetensors"), 2, options.device)
         diff = (tp2 - tp1).abs().max().item()
         ok = diff <= PARITY_TOLERANCE_TP
-        failed |= not ok
         stage("megatron-core TP=2", f"2 processes; max |logit diff| vs TP=1 {diff:.2e} "
                                     f"(tolerance {PARITY_TOLERANCE_TP:g})", t, ok)
 
@@ -200,7 +204,6 @@ def run(options: QuickstartOptions) -> int:
     result = convert(ConvertOptions(load_dir=mg_dir, save_dir=back_dir, load_model_type="mg", save_model_type="hf",
                                     overwrite=True, progress=False, verify=True))
     ok = _same_tensors(hf_dir, back_dir)
-    failed |= not ok
     stage("convert", f"HF -> Megatron TP=2 ({mg_dir}) -> HF: {'bit-exact' if ok else 'DIFFERENT'}; --verify "
                      f"max |logit diff| {result.max_logit_diff:.2e}", t, ok)
 
@@ -210,35 +213,30 @@ def run(options: QuickstartOptions) -> int:
                                   options.device, source="--megatron-dir")
         diff = (loaded - reference).abs().max().item()
         ok = diff <= PARITY_TOLERANCE_HF
-        failed |= not ok
         stage("load converted TP=2", f"megatron-core loads the converted checkpoint; max |logit diff| vs "
                                      f"transformers {diff:.2e}", t, ok)
 
     t = time.perf_counter()
-    ok, detail = _preprocess_stage(work, _tokenizer_dir(options.tokenizer, family), _alpaca_parquet(options.alpaca))
-    failed |= not ok
+    ok, detail = _preprocess_stage(work, tokenizer_dir, _alpaca_parquet(options.alpaca))
     stage("preprocess", detail, t, ok)
 
-    tokenizer_dir = _tokenizer_dir(options.tokenizer, family)
     t = time.perf_counter()
     pretrained = str(work / "checkpoints" / "pretrain")
-    losses, _ = _train(spec.name, tokenizer_dir, ["--data-path", str(work / "data" / "alpaca_text_document"),
+    losses = _train(spec.name, tokenizer_dir, ["--data-path", str(work / "data" / "alpaca_text_document"),
                                                   "--seq-length", "64", "--train-iters", "20", "--save", pretrained,
                                                   "--save-interval", "20"],
                        options.device)
     ok, detail = _falls(losses)
-    failed |= not ok
     stage("pretrain", f"megatron-core driver, 20 iterations on the Alpaca text: {detail}; torch_dist checkpoint at "
                       f"{pretrained}", t, ok)
 
     t = time.perf_counter()
     finetuned = str(work / "checkpoints" / "finetune")
-    losses, _ = _train(spec.name, tokenizer_dir, ["--data-path", str(work / "data" / "alpaca"),
+    losses = _train(spec.name, tokenizer_dir, ["--data-path", str(work / "data" / "alpaca"),
                                                   "--is-instruction-dataset", "--seq-length", "128",
                                                   "--train-iters", "20", "--load", pretrained, "--finetune",
                                                   "--save", finetuned], options.device)
     ok, detail = _falls(losses)
-    failed |= not ok
     stage("finetune", f"--finetune --is-instruction-dataset, 20 iterations, loss on response tokens only: {detail}",
           t, ok)
 

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-save-optim", action="store_true")
     g.add_argument("--no-save-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load the model weights only; start at iteration 0")
-    g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist")
+    g.add_argument("--ckpt-format", choices=["torch_dist", "torch"], default="torch_dist",
+                   help="the format --save writes (--load reads either)")
     g.add_argument("--exit-interval", type=int, default=None)
 
     g = p.add_argument_group("logging")
@@ -124,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--log-throughput", action="store_true", help="accepted; tokens/s per device is always logged")
     return p
+
+
+def instruction_prefix(data_path: list[str] | None) -> str:
+    """The one prefix --is-instruction-dataset reads (both routes check it the same way)."""
+    if not data_path or len(data_path) != 1:
+        raise AquilaNpuError("--is-instruction-dataset: give exactly one --data-path PREFIX (the --output-prefix "
+                             "of the GeneralInstructionHandler preprocessing run)")
+    return data_path[0]
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -139,9 +148,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.tokenizer_name_or_path = args.tokenizer_model
     if not args.mock_data and not args.data_path:
         raise AquilaNpuError("--data-path: give the preprocessed dataset prefix(es), or --mock-data")
-    if args.is_instruction_dataset and (args.mock_data or len(args.data_path) != 1):
-        raise AquilaNpuError("--is-instruction-dataset: give exactly one --data-path PREFIX (the --output-prefix "
-                             "of the GeneralInstructionHandler preprocessing run)")
+    if args.is_instruction_dataset:
+        instruction_prefix(None if args.mock_data else args.data_path)
     if not args.mock_data and not args.tokenizer_name_or_path:
         raise AquilaNpuError("--tokenizer-name-or-path: needed to read the dataset (its end-of-document id)")
     return args

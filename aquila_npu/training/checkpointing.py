@@ -157,9 +157,9 @@ def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt
     return final
 
 
-def load(root: str, model, optimizer, scheduler, fmt: str | None, with_optim: bool, with_rng: bool):
-    """Load the latest checkpoint under ``root`` into the model (and optimizer, scheduler, RNG when asked);
-    returns (iteration, saved args). ``fmt`` None: whichever format the folder holds."""
+def load(root: str, model, optimizer, scheduler, with_optim: bool, with_rng: bool):
+    """Load the latest checkpoint under ``root``, in whichever format it was saved, into the model (and optimizer,
+    scheduler, RNG when asked); returns (iteration, saved args)."""
     from megatron.core import dist_checkpointing
 
     found = read_tracker(root)
@@ -172,11 +172,6 @@ def load(root: str, model, optimizer, scheduler, fmt: str | None, with_optim: bo
     is_dist = os.path.isfile(os.path.join(folder, "metadata.json"))
     if is_dist:
         common = dist_checkpointing.load_common_state_dict(folder)
-        if with_optim and "opt_param_scheduler" not in common:
-            raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
-                                 f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
-        sharded = _sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True)
-        state = dist_checkpointing.load(sharded, folder)
     else:
         from aquila_npu.convert.megatron_format import _safe_load
 
@@ -184,11 +179,13 @@ def load(root: str, model, optimizer, scheduler, fmt: str | None, with_optim: bo
         if not os.path.isfile(path):
             raise AquilaNpuError(f"--load {folder}: no {os.path.relpath(path, folder)}; the checkpoint was saved "
                                  f"with another tensor/pipeline split (convert it with python -m aquila_npu.convert)")
-        state = _safe_load(path)
-        common = state
-        if with_optim and "optimizer" not in state:
-            raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
-                                 f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
+        common = state = _safe_load(path)
+    if with_optim and "opt_param_scheduler" not in common:
+        raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
+                             f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
+    if is_dist:
+        state = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True),
+                                        folder)
     for key, chunk in zip(_model_keys(model), _unwrapped(model)):
         chunk.load_state_dict(state[key], strict=True)
     if with_optim:

@@ -229,8 +229,7 @@ class Trainer:
         if args.load:
             with_optim = not (args.finetune or args.no_load_optim)
             iteration, saved = checkpointing.load(args.load, self.model, self.optimizer, self.scheduler,
-                                                  args.ckpt_format, with_optim,
-                                                  not (args.finetune or args.no_load_rng))
+                                                  with_optim, not (args.finetune or args.no_load_rng))
             if args.finetune:
                 iteration = 0
             elif saved is not None:
