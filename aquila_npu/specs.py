@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from aquila_npu.chat import ChatTemplate
 from aquila_npu.errors import AquilaNpuError
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -203,6 +204,10 @@ class ModelFamily:
     # the small spec the quickstart and smoke tests run by default
     smoke_test_model: str | None = None
     description: str = ""
+    # conversation templates of the family's chat models; the first is the default
+    chat_templates: tuple[ChatTemplate, ...] = ()
+    # spec name -> template name, where a size's chat model uses another template than the default
+    chat_template_for: Mapping[str, str] = field(default_factory=dict)
 
     def spec(self, name: str) -> ModelSpec:
         for spec in self.specs:
@@ -212,6 +217,17 @@ class ModelFamily:
 
     def spec_names(self) -> list[str]:
         return [spec.name for spec in self.specs]
+
+    def chat_template(self, spec_name: str | None = None, template: str | None = None) -> ChatTemplate:
+        """The template named ``template``, else the one for ``spec_name``, else the family's default."""
+        if not self.chat_templates:
+            raise AquilaNpuError(f"model family {self.name} declares no chat template")
+        wanted = template or self.chat_template_for.get(spec_name or "") or self.chat_templates[0].name
+        for candidate in self.chat_templates:
+            if candidate.name == wanted:
+                return candidate
+        raise AquilaNpuError(f"unknown chat template {wanted!r} in family {self.name}; known: "
+                             f"{', '.join(t.name for t in self.chat_templates)}")
 
     def recognises(self, hf_config: Mapping[str, Any]) -> bool:
         architectures = set(hf_config.get("architectures") or ())

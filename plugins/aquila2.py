@@ -5,6 +5,7 @@ This file is the only place in aquila-npu that knows Aquila2. Figures are those 
 rotate-half RoPE with base 10000, no linear biases, untied embeddings, head dim 128.
 """
 
+from aquila_npu.chat import ChatTemplate
 from aquila_npu.hookspecs import hookimpl
 from aquila_npu.specs import ModelFamily, ModelSpec, TokenizerDefaults
 
@@ -25,6 +26,22 @@ SPECS = (
               params_dtype="fp32", description="2-layer Aquila2 with GQA, for tests and the CPU quickstart"),
 )
 
+# AquilaChat2's conversation templates as BAAI serves them (FlagAI-Open/Aquila2 ``predict.py``: FastChat-style
+# templates, the prompt tokenised as ``get_prompt() + " "`` with no BOS; ``template_map`` picks the template per model)
+_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+           "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+CHAT_TEMPLATES = (
+    ChatTemplate(name="aquila-v1", user_role="<|startofpiece|>", assistant_role="<|endofpiece|>",
+                 style="no_colon_two", sep="", sep2="</s>", generation_suffix=" ", stop=("</s>", "<|endoftext|>"),
+                 description="AquilaChat2-7B (and 70B-Expr)"),
+    ChatTemplate(name="aquila-legacy", user_role="### Human: ", assistant_role="### Assistant: ",
+                 style="no_colon_two", system_message=_SYSTEM + "\n\n", sep="\n", sep2="</s>",
+                 generation_suffix=" ", stop=("</s>", "[UNK]"), description="AquilaChat2-34B"),
+    ChatTemplate(name="aquila", user_role="Human", assistant_role="Assistant", style="add_colon_two",
+                 system_message=_SYSTEM, sep="###", sep2="</s>", generation_suffix=" ", stop=("</s>", "[UNK]"),
+                 description="AquilaChat2-7B-16K and AquilaChat2-34B-16K"),
+)
+
 FAMILY = ModelFamily(
     name="aquila2",
     specs=SPECS,
@@ -42,6 +59,8 @@ FAMILY = ModelFamily(
     hf_model_types=("aquila", "llama"),
     smoke_test_model="aquila2-tiny",
     description="BAAI Aquila2 (7B, 34B, 70B-Expr)",
+    chat_templates=CHAT_TEMPLATES,
+    chat_template_for={"aquila2-34b": "aquila-legacy"},
 )
 
 

@@ -14,7 +14,7 @@ from aquila_npu.hookspecs import hookimpl
 DEVICE = "cpu"
 
 # Megatron modules that call torch.cuda.* or put tensors on "cuda" on the paths aquila-npu uses (model, tensor and
-# pipeline parallelism, optimizer, checkpointing, Megatron-LM's training loop). Each gets the CPU-bridged ``torch``.
+# pipeline parallelism, optimizer, checkpointing, inference, Megatron-LM's training loop). Each gets the CPU-bridged ``torch``.
 MEGATRON_CUDA_CALLERS = (
     "megatron.core.parallel_state",
     "megatron.core.utils",
@@ -50,6 +50,10 @@ MEGATRON_CUDA_CALLERS = (
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.async_utils",
     "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.inference.communication_utils",
+    "megatron.core.inference.model_inference_wrappers.abstract_model_inference_wrapper",
+    "megatron.core.inference.text_generation_controllers.text_generation_controller",
+    "megatron.core.inference.utils",
     "megatron.training.arguments",
     "megatron.training.checkpointing",
     "megatron.training.initialize",
