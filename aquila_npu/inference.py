@@ -27,12 +27,12 @@ class LoadedModel:
     source: str  # "hf" | "torch" | "torch_dist"
 
 
-def resolve_spec(load: str, load_model_type: str, model_name: str | None, plugins):
+def resolve_spec(load: str, load_model_type: str, model_name: str | None, plugins, plugin_names=None):
     """The spec of the checkpoint at ``load``: the named one, else its config.json / saved arguments."""
     if not os.path.exists(load):
         raise AquilaNpuError(f"--load {load}: no such checkpoint folder")
     if model_name:
-        return plugins.find_model(model_name)[1]
+        return plugins.find_model(model_name, plugin_names)[1]
     if load_model_type == "hf":
         from aquila_npu.convert.hf_format import read_spec
 

@@ -55,6 +55,7 @@ class GenerateOptions:
     tokenizer_name_or_path: str
     load_model_type: str = "mg"  # mg (Megatron, either format) | hf (converted in memory)
     model: str | None = None  # a named spec; otherwise from config.json / the checkpoint's saved arguments
+    plugins: tuple[str, ...] = ()  # model-family plugins to look the spec up in (default: all)
     device: str | None = None
     tensor_model_parallel_size: int = 1
     params_dtype: str | None = None  # fp32 | fp16 | bf16; default: the checkpoint's
@@ -133,8 +134,14 @@ def _controller_class():
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
            generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from fp32 ``logits`` [batch, vocab]: temperature, then top-k, then top-p (nucleus, as
-    ``transformers``' ``TopPLogitsWarper``: keep the smallest set whose probability exceeds ``top_p``)."""
+    """One token per row from fp32 ``logits`` [batch, vocab], drawn from ``filtered_logits``."""
+    probabilities = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probabilities, 1, generator=generator).view(-1)
+
+
+def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (nucleus: the smallest set of tokens whose probability exceeds
+    ``top_p``), in ``transformers``' order and definitions; filtered tokens get -inf."""
     logits = logits / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -144,7 +151,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
         remove[:, -1] = False
         logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).view(-1)
+    return logits
 
 
 class _BatchState:
@@ -206,7 +213,9 @@ class TextGenerator:
 
         self.options = options
         plugins = plugin_manager.get()
-        spec = resolve_spec(options.load, options.load_model_type, options.model, plugins)
+        if options.plugins:
+            plugins.require(options.plugins)
+        spec = resolve_spec(options.load, options.load_model_type, options.model, plugins, options.plugins or None)
         spec.check_parallel(options.tensor_model_parallel_size)
         self.family = _family_of(spec, plugins)
         self.tokenizer = InferenceTokenizer(options.tokenizer_name_or_path,
@@ -243,6 +252,12 @@ class TextGenerator:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "the static engine will be deprecated": it is the KV-cache batch path
             return StaticInferenceEngine(controller, max_batch_size=self.options.max_batch_size, legacy=True)
+
+    def chat_template(self, name: str | None = None):
+        """The conversation template ``name``, else the one the model family gives this model."""
+        if self.family is None:
+            raise AquilaNpuError(f"{self.spec.name}: no model family declares it, so there is no chat template")
+        return self.family.chat_template(self.spec.name, name)
 
     def encode(self, prompt: str, add_bos: bool | None = None) -> list[int]:
         add_bos = self._add_bos() if add_bos is None else add_bos

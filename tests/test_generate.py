@@ -1,0 +1,308 @@
+"""Generation on megatron-core's inference engine against ``transformers`` ``generate`` on the same weights.
+
+A tiny random Aquila2-shaped Hugging Face model is converted to Megatron (per-rank ``torch`` split TP=2, and
+``torch_dist``); greedy completions of prompts of different lengths, batched, must equal ``transformers``'
+``generate(do_sample=False)`` token for token at TP=1 and TP=2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import run_python
+
+PROMPTS = [
+    "Aquila2 is a family of bilingual language models trained by",
+    "短",
+    "悟道·天鹰（Aquila2）是北京智源人工智能研究院发布的中英双语大语言模型",
+    "Megatron splits each layer across tensor-parallel ranks; the next token",
+]
+NEW_TOKENS = 12
+BOS, EOS = 100006, 100007
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory, tiny_spec):
+    from conftest import make_hf_checkpoint
+
+    return make_hf_checkpoint(tiny_spec, tmp_path_factory.mktemp("gen-hf") / "model", seed=3)
+
+
+@pytest.fixture(scope="module")
+def mg_tp2_dir(hf_dir, tmp_path_factory):
+    from aquila_npu.convert import ConvertOptions, convert
+
+    target = tmp_path_factory.mktemp("gen-mg") / "tp2"
+    convert(ConvertOptions(load_dir=str(hf_dir), save_dir=str(target), target_tensor_parallel_size=2, progress=False))
+    return target
+
+
+@pytest.fixture(scope="module")
+def mg_dist_dir(hf_dir, tmp_path_factory):
+    target = tmp_path_factory.mktemp("gen-dist") / "dist"
+    run_python("-m", "aquila_npu.convert", "--load-dir", str(hf_dir), "--save-dir", str(target), "--ckpt-format",
+               "torch_dist", "--no-progress", check=True)
+    return target
+
+
+@pytest.fixture(scope="module")
+def reference(hf_dir, tokenizer_dir):
+    """transformers' greedy completions, one prompt at a time (no padding: the definition of right)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir)).eval()
+    completions = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([[BOS] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+        out = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=0)
+        completions.append([t for t in out[0, ids.shape[1]:].tolist() if t != EOS])
+    assert len({len(c) for c in completions}) >= 1 and all(completions)
+    return completions
+
+
+@pytest.fixture(scope="module")
+def generator(megatron_world, mg_tp2_dir, tokenizer_dir):
+    """A TP=1 generator over the TP=2 per-rank checkpoint (resplit on load); three rows, so four prompts take
+    two static batches."""
+    from aquila_npu.generate import GenerateOptions, TextGenerator
+
+    return TextGenerator(GenerateOptions(load=str(mg_tp2_dir), tokenizer_name_or_path=str(tokenizer_dir),
+                                         model="aquila2-tiny", max_batch_size=3))
+
+
+def greedy(max_new_tokens=NEW_TOKENS, **kwargs):
+    from aquila_npu.generate import SamplingOptions
+
+    return SamplingOptions(max_new_tokens=max_new_tokens, greedy=True, **kwargs)
+
+
+def test_greedy_batch_matches_transformers_tp1(generator, reference):
+    completions = generator.generate(PROMPTS, greedy())
+    assert [c.tokens for c in completions] == reference
+    assert [c.prompt for c in completions] == PROMPTS
+    assert all(c.prompt_tokens[0] == BOS for c in completions)
+    assert len({len(c.prompt_tokens) for c in completions}) == len(PROMPTS)  # mixed lengths in one batch
+    assert [c.text for c in completions] == [generator.tokenizer.detokenize(r) for r in reference]
+
+
+def test_sampling_is_reproducible_and_top_k_1_is_greedy(generator):
+    from aquila_npu.generate import SamplingOptions
+
+    sampled = lambda **kw: [c.tokens for c in generator.generate(PROMPTS, SamplingOptions(max_new_tokens=8, **kw))]
+    first, again = sampled(seed=7, top_k=0, top_p=1.0, temperature=1.0), sampled(seed=7, top_k=0, top_p=1.0,
+                                                                                  temperature=1.0)
+    assert first == again
+    assert sampled(seed=8, top_k=0, top_p=1.0, temperature=1.0) != first  # the seed matters
+    greedy_tokens = [c.tokens for c in generator.generate(PROMPTS, greedy(8))]
+    assert greedy_tokens != first
+    assert sampled(seed=9, top_k=1, temperature=1.5, top_p=0.9) == greedy_tokens
+
+
+def test_filters_match_transformers_warpers():
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from aquila_npu.generate import filtered_logits
+
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    for temperature, top_k, top_p in [(0.7, 50, 0.95), (1.0, 0, 0.5), (1.3, 10, 1.0), (0.5, 0, 0.0)]:
+        warpers = [TemperatureLogitsWarper(temperature)]
+        warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        warpers += [TopPLogitsWarper(top_p)] if 0 < top_p < 1 else []
+        expected = LogitsProcessorList(warpers)(None, logits.clone())
+        ours = filtered_logits(logits, temperature, top_k, top_p)
+        assert torch.equal(torch.isinf(ours), torch.isinf(expected))
+        kept = ~torch.isinf(expected)
+        torch.testing.assert_close(ours[kept], expected[kept])
+
+
+def test_stop_string_ends_a_completion_early(generator, reference):
+    full = generator.generate(PROMPTS[:1], greedy())[0]
+    stop = generator.tokenizer.detokenize(full.tokens[3:5])
+    cut = generator.generate(PROMPTS[:1], greedy(stop=(stop,)))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[:full.text.index(stop)]
+    assert cut.tokens == full.tokens[:len(cut.tokens)] and len(cut.tokens) <= 5
+    assert full.finish_reason == "length" and len(full.tokens) == NEW_TOKENS
+
+
+def test_end_of_sequence_ends_only_its_row(generator, reference, monkeypatch):
+    # make a token the model will produce the end-of-sequence id: that row ends there, the others run on
+    monkeypatch.setattr(generator.tokenizer, "eod", reference[1][2])
+    completions = generator.generate(PROMPTS, greedy())
+    assert completions[1].tokens == reference[1][:2] and completions[1].finish_reason == "eos"
+    for completion, expected in zip(completions, reference):
+        if reference[1][2] not in expected:
+            assert completion.tokens == expected
+
+
+def test_streamed_text_equals_the_completion(generator):
+    from aquila_npu.generate.stream import TextStream
+
+    pieces = []
+    stream = TextStream(generator.tokenizer.detokenize, pieces.append)
+    completion = generator.generate(PROMPTS[2:3], greedy(20), on_token=lambda i, t: stream.feed(t))[0]
+    stream.close()
+    assert "".join(pieces) == completion.text and len(pieces) > 3
+    assert not any("\ufffd" in p for p in pieces[:-1])
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings(tokenizer_dir):
+    from aquila_npu.generate.stream import TextStream
+    from aquila_npu.inference import InferenceTokenizer
+
+    tokenizer = InferenceTokenizer(str(tokenizer_dir))
+    text = "天鹰 says hello<|endoftext|> and more"
+    ids = tokenizer.tokenize(text)
+    pieces = []
+    stream = TextStream(tokenizer.detokenize, pieces.append, stop=("<|endoftext|>",))
+    for token in ids:
+        stream.feed(token)
+    stream.close()
+    assert "".join(pieces) == "天鹰 says hello"
+    assert all("\ufffd" not in p and "<" not in p for p in pieces)
+
+
+def test_prompt_longer_than_the_cache_is_a_clear_error(generator):
+    from aquila_npu.errors import AquilaNpuError
+
+    with pytest.raises(AquilaNpuError, match="prompt 1 has .* --max-sequence-length 256"):
+        generator.generate(["word " * 300], greedy())
+
+
+# --------------------------------------------------------------------------------------------- chat template
+MESSAGES = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi!"},
+            {"role": "user", "content": "How are you?"}]
+SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+          "detailed, and polite answers to the human's questions.")
+
+
+def test_chat_templates_render_as_aquilachat2_expects():
+    """The texts BAAI's templates give for this conversation (FlagAI-Open/Aquila2 predict.py: FastChat's
+    get_prompt, then the prompt + " " that predict() tokenises)."""
+    from aquila_npu.plugins.aquila2 import FAMILY
+
+    v1 = FAMILY.chat_template("aquila2-7b")
+    assert v1.name == "aquila-v1"
+    assert v1.render(MESSAGES) == "<|startofpiece|>Hello!<|endofpiece|>Hi!</s><|startofpiece|>How are you?<|endofpiece|> "
+    legacy = FAMILY.chat_template("aquila2-34b")
+    assert legacy.name == "aquila-legacy"
+    assert legacy.render(MESSAGES) == (SYSTEM + "\n\n### Human: Hello!\n### Assistant: Hi!</s>### Human: How are "
+                                                "you?\n### Assistant:  ")
+    assert FAMILY.chat_template(template="aquila").render(MESSAGES) == (
+        SYSTEM + "###Human: Hello!###Assistant: Hi!</s>Human: How are you?###Assistant: ")
+    with_system = [{"role": "system", "content": "Be brief."}] + MESSAGES[:1]
+    assert v1.render(with_system) == "Be brief.<|startofpiece|>Hello!<|endofpiece|> "
+    assert v1.reply_text(" Fine, thanks.<|endoftext|>junk") == "Fine, thanks."
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "assistant", "content": "x"}], "role 'assistant' where 'user'"),
+    (MESSAGES[:2], "must end with a user message"),
+    ([{"role": "user", "content": 3}], "content must be a string"),
+])
+def test_chat_template_rejects_malformed_conversations(messages, match):
+    from aquila_npu.errors import AquilaNpuError
+    from aquila_npu.plugins.aquila2 import FAMILY
+
+    with pytest.raises(AquilaNpuError, match=match):
+        FAMILY.chat_template().render(messages)
+
+
+def test_chat_prompt_tokens_are_bosless_rendered_text(generator):
+    template = generator.chat_template()
+    completion = generator.generate([template.render(MESSAGES)], greedy(4), add_bos=template.add_bos)[0]
+    assert completion.prompt_tokens == generator.tokenizer.tokenize(template.render(MESSAGES))
+    assert completion.prompt_tokens[0] == 100000  # <|startofpiece|>, a special token of its own
+
+
+# --------------------------------------------------------------------------------------------- command line
+def _cli(*args, stdin=None, launcher=()):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *launcher, "-m", "aquila_npu.generate", *args], input=stdin,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.slow
+def test_cli_tp2_torch_dist_greedy_matches_transformers(mg_dist_dir, tokenizer_dir, reference, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in PROMPTS), "utf-8")
+    out = tmp_path / "out.jsonl"
+    result = _cli("--plugin", "aquila2", "--model", "aquila2-tiny", "--load", str(mg_dist_dir),
+                  "--tokenizer-name-or-path", str(tokenizer_dir), "--tensor-model-parallel-size", "2",
+                  "--prompt-file", str(prompts), "--greedy", "--max-new-tokens", str(NEW_TOKENS), "--output", str(out),
+                  launcher=("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _read_jsonl(out)
+    assert [r["prompt"] for r in records] == PROMPTS
+    assert [r["tokens"] for r in records] == reference
+    assert "tokens/s" in result.stderr
+
+
+@pytest.mark.slow
+def test_cli_hf_folder_prompts_from_stdin(hf_dir, tokenizer_dir, reference, tmp_path):
+    out = tmp_path / "out.jsonl"
+    result = _cli("--load", str(hf_dir), "--load-model-type", "hf", "--tokenizer-name-or-path", str(tokenizer_dir),
+                  "--greedy", "--max-new-tokens", str(NEW_TOKENS), "--output", str(out), stdin="\n".join(PROMPTS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["tokens"] for r in _read_jsonl(out)] == reference
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+
+
+@pytest.mark.slow
+def test_cli_chat_interactive_and_from_a_file(hf_dir, tokenizer_dir, tmp_path):
+    common = ("--load", str(hf_dir), "--load-model-type", "hf", "--tokenizer-name-or-path", str(tokenizer_dir),
+              "--chat", "--greedy", "--max-new-tokens", "6")
+    result = _cli(*common, stdin="Hello!\nclear\nHow are you?\nexit\nnever read\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Assistant: ") == 2 and "(history cleared)" in result.stderr
+    conversations = tmp_path / "chats.jsonl"
+    conversations.write_text(json.dumps({"messages": MESSAGES}) + "\n" + json.dumps({"messages": MESSAGES[:1]}) + "\n")
+    out = tmp_path / "replies.jsonl"
+    result = _cli(*common, "--prompt-file", str(conversations), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _read_jsonl(out)
+    from aquila_npu.plugins.aquila2 import FAMILY
+
+    assert [r["prompt"] for r in records] == [FAMILY.chat_template().render(MESSAGES),
+                                              FAMILY.chat_template().render(MESSAGES[:1])]
+    assert all(len(r["tokens"]) <= 6 and isinstance(r["text"], str) for r in records)
+
+
+@pytest.mark.parametrize("case", ["missing checkpoint", "tp not a divisor", "vocabulary too small", "bad prompt file",
+                                  "bad sampling"])
+def test_cli_bad_input_is_one_line(case, hf_dir, tokenizer_dir, tmp_path, tiny_spec):
+    args = ["--load", str(hf_dir), "--load-model-type", "hf", "--tokenizer-name-or-path", str(tokenizer_dir),
+            "--prompt", "hi"]
+    expected = {"missing checkpoint": "no such checkpoint folder", "tp not a divisor": "tensor-parallel size 3",
+                "vocabulary too small": "the tokenizer has 100008 ids but the model's vocabulary has 1000",
+                "bad prompt file": "line 2: invalid JSON", "bad sampling": "--top-p must be in"}[case]
+    if case == "missing checkpoint":
+        args[1] = str(tmp_path / "nowhere")
+    elif case == "tp not a divisor":
+        args += ["--tensor-model-parallel-size", "3"]
+    elif case == "vocabulary too small":
+        from conftest import make_hf_checkpoint
+
+        args[1] = str(make_hf_checkpoint(tiny_spec.replace(vocab_size=1000), tmp_path / "small"))
+    elif case == "bad prompt file":
+        bad = tmp_path / "p.jsonl"
+        bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+        args += ["--prompt-file", str(bad)]
+    else:
+        args += ["--top-p", "1.5"]
+    result = _cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("aquila-npu generate: error: ")
+    assert expected in result.stderr and "Traceback" not in result.stderr
