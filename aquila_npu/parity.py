@@ -64,6 +64,21 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits.float()
 
 
+def hf_greedy(hf_dir: str, prompts: list[list[int]], max_new_tokens: int, eos_token_id: int | None) -> list[list[int]]:
+    """``transformers``' greedy completions (``generate(do_sample=False)``, KV cache), one prompt at a time so no
+    padding is involved; the end-of-sequence token is not included."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    completions = []
+    for ids in prompts:
+        ids = torch.tensor([ids])
+        out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                             pad_token_id=0)[0, ids.shape[1]:].tolist()
+        completions.append(out[:out.index(eos_token_id)] if eos_token_id in out else out)
+    return completions
+
+
 def megatron_logits(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
     """Full-vocabulary logits of the megatron-core model on this rank's slice (call ``distributed.initialize``
     first). The spec is derived from ``config.json``; weights are read from the safetensors files."""

@@ -5,7 +5,9 @@ from our spec (one process, then two tensor-parallel processes) against ``transf
 HF -> Megatron TP=2 -> HF (bit-exact) with megatron-core loading the converted checkpoint, and data preprocessing
 (Alpaca -> pretraining and instruction datasets, read back with megatron-core's IndexedDataset), pretraining and
 instruction fine-tuning with the megatron-core driver, and the fine-tuned checkpoint converted back to Hugging Face
-(--verify). Later stages of the workflow (generate -> evaluate) are appended here as they land.
+(--verify), then generation on megatron-core's inference engine (greedy completions of the converted checkpoint
+against ``transformers``' ``generate``, and a chat turn of the fine-tuned model). Later stages of the workflow
+(evaluate) are appended here as they land.
 """
 
 from __future__ import annotations
@@ -104,6 +106,49 @@ def _preprocess_stage(work: Path, tokenizer_dir: str, alpaca: str) -> tuple[bool
     return ok, (f"{len(records)} Alpaca records -> {os.path.basename(pretrain.outputs['text'])} "
                 f"({pretrain.tokens['text']:,} tokens) and the 3 instruction datasets (labels -100 over the "
                 f"prompt); {'equal to the tokenizer' if ok else 'DIFFERENT from the tokenizer'}")
+
+
+GENERATE_PROMPTS = ("Aquila2 is a family of bilingual language models", "北京的十大景点是什么？",
+                    "Write a tongue twister that's extremely difficult to pronounce.")
+
+
+def _generate_stage(work: Path, mg_dir: str, hf_dir: str, tokenizer_dir: str, tp: int, family,
+                    device: str | None) -> tuple[bool, str]:
+    """``python -m aquila_npu.generate`` on the converted checkpoint vs ``transformers``' greedy generate."""
+    from aquila_npu.inference import InferenceTokenizer
+    from aquila_npu.parity import hf_greedy
+
+    prompts, out, new_tokens = work / "prompts.txt", work / "generated.jsonl", 16
+    prompts.write_text("\n".join(GENERATE_PROMPTS) + "\n", encoding="utf-8")
+    command = ["-m", "aquila_npu.generate", "--load", mg_dir, "--tokenizer-name-or-path", tokenizer_dir,
+               "--tensor-model-parallel-size", str(tp), "--prompt-file", str(prompts), "--greedy",
+               "--max-new-tokens", str(new_tokens), "--output", str(out)] + (["--device", device] if device else [])
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}"] if tp > 1 else []
+    output = _run_step([sys.executable, *launcher, *command], "generate", threads=1)
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    tokenizer = InferenceTokenizer(tokenizer_dir, family.tokenizer)
+    ids = [[tokenizer.bos] * tokenizer.add_bos + tokenizer.tokenize(p) for p in GENERATE_PROMPTS]
+    expected = hf_greedy(hf_dir, ids, new_tokens, tokenizer.eod)
+    same = sum(r["tokens"] == e for r, e in zip(records, expected))
+    rate = next((line.strip("[]") for line in output.splitlines() if "tokens/s" in line), "")
+    return same == len(expected), (f"greedy, TP={tp}, {len(expected)} prompts of different lengths in one batch: "
+                                   f"{same}/{len(expected)} token for token equal to transformers' generate; {rate}")
+
+
+def _chat_stage(work: Path, checkpoint: str, tokenizer_dir: str, family, spec, device: str | None) -> tuple[bool, str]:
+    conversation = work / "chat.jsonl"
+    messages = [{"role": "user", "content": "Give three tips for staying healthy."}]
+    conversation.write_text(json.dumps({"messages": messages}, ensure_ascii=False) + "\n", encoding="utf-8")
+    out = work / "chat-replies.jsonl"
+    command = [sys.executable, "-m", "aquila_npu.generate", "--load", checkpoint, "--tokenizer-name-or-path",
+               tokenizer_dir, "--chat", "--prompt-file", str(conversation), "--max-new-tokens", "24", "--output",
+               str(out)] + (["--device", device] if device else [])
+    _run_step(command, "chat", threads=2)
+    record = json.loads(out.read_text(encoding="utf-8"))
+    template = family.chat_template(spec.name)
+    ok = record["prompt"] == template.render(messages) and bool(record["tokens"])
+    return ok, (f"the fine-tuned checkpoint answers through the {template.name} template "
+                f"({len(record['tokens'])} tokens sampled; a tiny random model's words, not sense)")
 
 
 def _tokenizer_dir(option: str | None, family) -> str:
@@ -246,6 +291,15 @@ def run(options: QuickstartOptions) -> int:
                                     save_model_type="hf", overwrite=True, progress=False, verify=True))
     stage("convert trained", f"the fine-tuned checkpoint -> Hugging Face at {trained_hf}; --verify max |logit "
                              f"diff| {result.max_logit_diff:.2e}", t)
+
+    t = time.perf_counter()
+    ok, detail = _generate_stage(work, mg_dir, hf_dir, tokenizer_dir, 1 if options.skip_tp2 else 2, family,
+                                 options.device)
+    stage("generate", detail, t, ok)
+
+    t = time.perf_counter()
+    ok, detail = _chat_stage(work, finetuned, tokenizer_dir, family, spec, options.device)
+    stage("chat", detail, t, ok)
 
     from aquila_npu.__main__ import _table
 

@@ -52,16 +52,14 @@ def mg_dist_dir(hf_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(hf_dir, tokenizer_dir):
     """transformers' greedy completions, one prompt at a time (no padding: the definition of right)."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from aquila_npu.parity import hf_greedy
 
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    model = LlamaForCausalLM.from_pretrained(str(hf_dir)).eval()
-    completions = []
-    for prompt in PROMPTS:
-        ids = torch.tensor([[BOS] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
-        out = model.generate(ids, do_sample=False, max_new_tokens=NEW_TOKENS, eos_token_id=EOS, pad_token_id=0)
-        completions.append([t for t in out[0, ids.shape[1]:].tolist() if t != EOS])
-    assert len({len(c) for c in completions}) >= 1 and all(completions)
+    prompts = [[BOS] + tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    completions = hf_greedy(str(hf_dir), prompts, NEW_TOKENS, EOS)
+    assert all(completions)
     return completions
 
 

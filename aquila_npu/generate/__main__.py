@@ -284,7 +284,13 @@ def _single_turn(args):
 
 
 def main(argv=None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
+    # megatron-core's import-time notes ("Apex is not installed ...") and torch's deprecation notices would
+    # interleave with the streamed text
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     from aquila_npu import distributed
 
     try:
