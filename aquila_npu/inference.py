@@ -116,6 +116,8 @@ class InferenceTokenizer:
                     else self.hf.eos_token_id)
         if self.eod is None:
             raise AquilaNpuError(f"--tokenizer-name-or-path {path}: the tokenizer has no end-of-sequence token")
+        pad = defaults.pad_token_id if defaults and defaults.pad_token_id is not None else self.hf.pad_token_id
+        self.pad = self.eod if pad is None else pad
         self.add_bos = bool(defaults and defaults.add_bos_token)
         self.vocab_size = len(self.hf)
 

@@ -55,3 +55,40 @@ def test_megatron_lm_route_uses_megatron_lm_names(tmp_path, script):
     assert argv[argv.index("pretrain_gpt.py") + 1:][:4] == ["--plugin", "aquila2", "--model", SCRIPTS[script][0]]
     assert "--tokenizer-model" in argv and "--tokenizer-name-or-path" not in argv
     assert argv[argv.index("--tokenizer-type") + 1] == "HuggingFaceTokenizer"
+
+
+GENERATE_SCRIPTS = {"generate_aquila2_7b_ptd.sh": ("aquila2-7b", "fp16"),
+                    "generate_aquila2_34b_ptd.sh": ("aquila2-34b", "bf16")}
+
+
+@pytest.mark.parametrize("script", sorted(GENERATE_SCRIPTS))
+def test_generate_scripts_parse_and_default_to_chat(tmp_path, script):
+    from aquila_npu import plugin_manager
+    from aquila_npu.generate.__main__ import build_parser
+
+    model, dtype = GENERATE_SCRIPTS[script]
+    _, argv = _launched(tmp_path, script, "driver")
+    assert argv[argv.index("-m") + 1] == "aquila_npu.generate"
+    args = build_parser().parse_args(argv[argv.index("-m") + 2:])
+    assert (args.model, args.tensor_model_parallel_size, args.chat, getattr(args, dtype)) == (model, 8, True, True)
+    assert (args.load, args.tokenizer_name_or_path) == ("load", "tok")
+    # the chosen size splits 8 ways and the family has the chat template its chat model uses
+    family, spec = plugin_manager.get().find_model(model)
+    spec.check_parallel(args.tensor_model_parallel_size)
+    assert family.chat_template(spec.name).name == {"aquila2-7b": "aquila-v1", "aquila2-34b": "aquila-legacy"}[model]
+
+
+def test_generate_script_passes_prompts_instead_of_chat(tmp_path):
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "TOKENIZER_PATH": "tok", "CHECKPOINT": "ck"}
+    script = str(REPO / "examples" / "aquila2" / "generate_aquila2_7b_ptd.sh")
+    argv = subprocess.run(["bash", script, "--prompt", "two words", "--greedy"], capture_output=True, text=True,
+                          env=env, check=True).stdout.splitlines()
+    assert argv[-3:] == ["--prompt", "two words", "--greedy"] and "--chat" not in argv
+    assert argv[argv.index("--load") + 1] == "ck"  # the seed's CHECKPOINT variable is accepted too
+    env.pop("TOKENIZER_PATH")
+    result = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "set TOKENIZER_PATH" in result.stderr

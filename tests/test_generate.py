@@ -104,7 +104,7 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(generator):
 def test_filters_match_transformers_warpers():
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    from aquila_npu.generate import filtered_logits
+    from aquila_npu.generate.sampling import filtered_logits
 
     logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 3
     for temperature, top_k, top_p in [(0.7, 50, 0.95), (1.0, 0, 0.5), (1.3, 10, 1.0), (0.5, 0, 0.0)]:
@@ -304,3 +304,31 @@ def test_cli_bad_input_is_one_line(case, hf_dir, tokenizer_dir, tmp_path, tiny_s
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("aquila-npu generate: error: ")
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+def test_mixed_lengths_prefill_in_one_pass(generator, reference):
+    """Left-padded batches: one prefill pass and then one step per new token, however different the prompts'
+    lengths (megatron-core's own static batch would step through the longer prompts token by token)."""
+    wrapper = generator.engine.controller.inference_wrapped_model
+    calls = []
+    original = wrapper.run_one_forward_step
+    wrapper.run_one_forward_step = lambda inputs: calls.append(inputs["tokens"].shape) or original(inputs)
+    try:
+        completions = generator.generate(PROMPTS[:3], greedy())
+    finally:
+        del wrapper.run_one_forward_step
+    lengths = [len(c.prompt_tokens) for c in completions]
+    assert len(set(lengths)) == 3 and [c.tokens for c in completions] == reference[:3]
+    assert len(calls) == NEW_TOKENS and calls[0] == (3, max(lengths)) and all(c == (3, 1) for c in calls[1:])
+
+
+def test_padding_mask_hides_padding_keys_only():
+    from aquila_npu.generate.batching import padding_mask
+
+    mask = padding_mask([2, 0], 4, "cpu")
+    assert mask.shape == (2, 1, 4, 4)
+    allowed = ~mask[:, 0]
+    assert allowed[1].tolist() == torch.ones(4, 4, dtype=torch.bool).tril().tolist()  # no padding: causal
+    # row 0: positions 0-1 are padding; real queries see real keys only, a padding query only itself
+    assert allowed[0].tolist() == [[True, False, False, False], [False, True, False, False],
+                                   [False, False, True, False], [False, False, True, True]]

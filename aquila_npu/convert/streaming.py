@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 

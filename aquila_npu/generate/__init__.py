@@ -2,15 +2,12 @@
 
 ``TextGenerator(GenerateOptions(...))`` loads a checkpoint (``aquila_npu.inference``) and wraps megatron-core's
 ``GPTInferenceWrapper`` (with a ``StaticInferenceContext``: the KV cache), a ``TextGenerationController`` and the
-``StaticInferenceEngine``, which batches requests. Prompts of different lengths share a batch: megatron-core
-prefills up to the shortest prompt, then steps one token at a time, feeding each longer prompt's own tokens
-until it too starts generating, so every row sees exactly its own prefix.
+``StaticInferenceEngine``, which batches requests. Prompts of different lengths share a batch, left-padded
+so that one forward pass prefills them all, with masks and rotary positions that make every row see exactly what
+it would see alone.
 
-The controller is megatron-core's with three additions (``_Controller``): sampling as Hugging Face orders it
-(temperature, then top-k, then top-p, which megatron-core does not combine), the padded vocabulary rows never
-sampled, and per-request stopping (end of sequence, ``stop`` strings, ``max_new_tokens``) that also ends the
-batch early, with every new token handed to a callback for streaming. ``python -m aquila_npu.generate`` is the
-command line.
+The controller is megatron-core's with HF-ordered sampling, per-request stopping and streaming, and left-padded
+batches (``aquila_npu.generate.controller``, ``.batching``). ``python -m aquila_npu.generate`` is the command line.
 """
 
 from __future__ import annotations
@@ -18,11 +15,11 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
-import torch
 
 from aquila_npu.errors import AquilaNpuError
+from aquila_npu.generate.controller import TokenCallback, Watch, controller_class
 
 
 @dataclass
@@ -84,126 +81,6 @@ class GenerationStats:
         return self.generated_tokens / self.seconds if self.seconds else 0.0
 
 
-TokenCallback = Callable[[int, int], None]  # (prompt index, token id)
-
-
-def _controller_class():
-    """megatron-core's controller with HF-ordered sampling and per-request stopping (see the module doc)."""
-    from megatron.core import parallel_state
-    from megatron.core.inference.text_generation_controllers.text_generation_controller import (
-        TextGenerationController,
-    )
-
-    class _Controller(TextGenerationController):
-        batch: _BatchState | None = None
-
-        def _torch_sampling_func(self, last_token_logits, temperature, top_k, top_p, vocab_size=None):
-            logits = last_token_logits.float().clone()
-            logits[:, self.tokenizer.vocab_size:] = float("-inf")  # padded vocabulary rows hold no token
-            if temperature == 0.0:
-                tokens = torch.argmax(logits, dim=-1)
-            else:
-                tokens = sample(logits, temperature, top_k, top_p, self.sampling_rng)
-            if parallel_state.get_tensor_model_parallel_world_size() > 1:
-                # every tensor-parallel rank must continue with the same token
-                torch.distributed.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(),
-                                            group=parallel_state.get_tensor_model_parallel_group())
-            return tokens
-
-        def generate_all_output_tokens_static_batch(self, active_requests, active_streams=None):
-            batch = self.batch = _BatchState(self, list(active_requests.values()))
-            try:
-                finished = super().generate_all_output_tokens_static_batch(active_requests, active_streams)
-            finally:
-                self.batch = None
-            for row, request in enumerate(batch.requests):
-                self.watch.results[request.request_id] = (batch.tokens[row], batch.reasons[row])
-            return finished
-
-        def update_generation_status(self, updated_prompts_tokens, generation_started, current_context_end_position,
-                                     is_generation_done_tensor, generated_sequence_lengths, termination_id=None):
-            done, lengths = super().update_generation_status(
-                updated_prompts_tokens, generation_started, current_context_end_position, is_generation_done_tensor,
-                generated_sequence_lengths, termination_id)
-            if self.batch is not None:
-                self.batch.step(updated_prompts_tokens[:, current_context_end_position], generation_started, done)
-            return done, lengths
-
-    return _Controller
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row from fp32 ``logits`` [batch, vocab], drawn from ``filtered_logits``."""
-    probabilities = filtered_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probabilities, 1, generator=generator).view(-1)
-
-
-def filtered_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then top-p (nucleus: the smallest set of tokens whose probability exceeds
-    ``top_p``), in ``transformers``' order and definitions; filtered tokens get -inf."""
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        ascending, order = torch.sort(logits, dim=-1)
-        remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        remove[:, -1] = False
-        logits = logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
-    return logits
-
-
-class _BatchState:
-    """Per-row bookkeeping of one static batch: the tokens so far, stop strings, the streaming callback."""
-
-    def __init__(self, controller, requests) -> None:
-        self.requests = requests
-        self.tokenizer = controller.tokenizer
-        self.watch = controller.watch
-        self.tokens: list[list[int]] = [[] for _ in requests]
-        self.reasons: list[str | None] = [None] * len(requests)
-
-    def step(self, latest: torch.Tensor, started: torch.Tensor, done: torch.Tensor) -> None:
-        watch = self.watch
-        latest_ids = latest.tolist()
-        for row, (was_started, is_done) in enumerate(zip(started.tolist(), done.tolist())):
-            if not was_started or self.reasons[row] is not None:
-                continue
-            if is_done:  # megatron-core ended the row: the end-of-sequence token
-                self.reasons[row] = "eos"
-                continue
-            self.tokens[row].append(latest_ids[row])
-            if watch.on_token is not None:
-                watch.on_token(watch.index[self.requests[row].request_id], latest_ids[row])
-            if watch.stop and self._hit_stop(self.tokens[row], watch.stop, watch.stop_window):
-                self.reasons[row] = "stop"
-            elif len(self.tokens[row]) >= watch.max_new_tokens:
-                self.reasons[row] = "length"
-            if self.reasons[row] is not None:
-                done[row] = True  # ends the row now, and the batch once every row has ended
-
-    def _hit_stop(self, tokens: list[int], stop: Sequence[str], window: int) -> bool:
-        tail = self.tokenizer.detokenize(tokens[-window:])
-        return any(s in tail for s in stop)
-
-
-@dataclass
-class _Watch:
-    """What the controller watches for during one ``generate`` call."""
-
-    max_new_tokens: int
-    stop: tuple[str, ...] = ()
-    on_token: TokenCallback | None = None
-    index: dict = field(default_factory=dict)  # request id -> prompt index
-    results: dict = field(default_factory=dict)  # request id -> (generated ids, finish reason)
-
-    @property
-    def stop_window(self) -> int:
-        # a stop string is found in the detokenised tail; every token contributes at least one byte
-        return 4 * max(len(s) for s in self.stop) + 4
-
-
 class TextGenerator:
     """A loaded model ready to generate (one per process; under torchrun every rank builds one)."""
 
@@ -236,10 +113,11 @@ class TextGenerator:
     def _engine(self):
         from megatron.core.inference.contexts import StaticInferenceContext
         from megatron.core.inference.engines import StaticInferenceEngine
-        from megatron.core.inference.model_inference_wrappers.gpt.gpt_inference_wrapper import GPTInferenceWrapper
         from megatron.core.inference.model_inference_wrappers.inference_wrapper_config import (
             InferenceWrapperConfig,
         )
+
+        from aquila_npu.generate.batching import padded_wrapper_class
 
         config = InferenceWrapperConfig(
             hidden_size=self.spec.hidden_size, params_dtype=self.dtype,
@@ -247,8 +125,8 @@ class TextGenerator:
             padded_vocab_size=self.spec.padded_vocab_size(self.options.tensor_model_parallel_size),
             inference_max_requests=self.options.max_batch_size, inference_max_seq_length=self.max_sequence_length)
         context = StaticInferenceContext(self.options.max_batch_size, self.max_sequence_length)
-        controller = _controller_class()(GPTInferenceWrapper(self.model, config, context), self.tokenizer)
-        controller.watch = _Watch(max_new_tokens=1)
+        controller = controller_class()(padded_wrapper_class()(self.model, config, context), self.tokenizer)
+        controller.watch = Watch(max_new_tokens=1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "the static engine will be deprecated": it is the KV-cache batch path
             return StaticInferenceEngine(controller, max_batch_size=self.options.max_batch_size, legacy=True)
@@ -287,16 +165,18 @@ class TextGenerator:
             top_p=0.0 if sampling.greedy else sampling.top_p, num_tokens_to_generate=sampling.max_new_tokens)
         controller = self.engine.controller
         controller.sampling_rng.manual_seed(sampling.seed)
-        watch = _Watch(sampling.max_new_tokens, tuple(sampling.stop), on_token)
+        watch = Watch(sampling.max_new_tokens, tuple(sampling.stop), on_token)
         controller.watch = watch
-        for index, (prompt, ids) in enumerate(zip(prompts, encoded)):
-            request_id = self.engine.scheduler.add_request(prompt=prompt, prompt_tokens=ids, sampling_params=params)
+        # longest first: the engine batches requests in arrival order, and similar lengths pad least
+        for index in sorted(range(len(prompts)), key=lambda i: -len(encoded[i])):
+            request_id = self.engine.scheduler.add_request(prompt=prompts[index], prompt_tokens=encoded[index],
+                                                           sampling_params=params)
             watch.index[request_id] = index
         started = time.perf_counter()
         try:
             self._run()
         finally:
-            controller.watch = _Watch(max_new_tokens=1)
+            controller.watch = Watch(max_new_tokens=1)
         seconds = time.perf_counter() - started
         completions = []
         for request_id, index in sorted(watch.index.items(), key=lambda item: item[1]):

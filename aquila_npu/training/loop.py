@@ -6,7 +6,6 @@ OptimizerParamScheduler, get_forward_backward_func, dist_checkpointing), with Me
 from __future__ import annotations
 
 import math
-import os
 import resource
 import sys
 import time

@@ -3,6 +3,7 @@
 #   ROUTE=megatron-lm  torchrun $MEGATRON_LM_PATH/pretrain_gpt.py --plugin aquila2  -- unmodified Megatron-LM
 # Variables as in the seed: TOKENIZER_PATH, DATA_PATH, CKPT_LOAD_DIR, CKPT_SAVE_DIR; cluster: NPUS_PER_NODE,
 # MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK. The device (npu, cuda, cpu) is chosen automatically.
+# generate_* scripts need only TOKENIZER_PATH and CKPT_LOAD_DIR and run on one node (tensor parallel).
 set -euo pipefail
 
 NPUS_PER_NODE=${NPUS_PER_NODE:-8}
@@ -11,8 +12,17 @@ MASTER_PORT=${MASTER_PORT:-6000}
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 ROUTE=${ROUTE:-driver}
-: "${TOKENIZER_PATH:?set TOKENIZER_PATH (the tokenizer folder)}" "${DATA_PATH:?set DATA_PATH (the dataset prefix)}"
-: "${CKPT_LOAD_DIR:?set CKPT_LOAD_DIR (the converted checkpoint)}" "${CKPT_SAVE_DIR:?set CKPT_SAVE_DIR}"
+
+require() {  # require VAR...: the seed's path variables a script needs
+    local name
+    for name in "$@"; do
+        if [ -z "${!name:-}" ]; then
+            echo "$(basename "$0"): set $name (TOKENIZER_PATH: the tokenizer folder; DATA_PATH: the dataset prefix;" \
+                 "CKPT_LOAD_DIR: the converted checkpoint; CKPT_SAVE_DIR: where to save)" >&2
+            exit 2
+        fi
+    done
+}
 DISTRIBUTED_ARGS="--nproc_per_node $NPUS_PER_NODE --nnodes $NNODES --node_rank $NODE_RANK \
     --master_addr $MASTER_ADDR --master_port $MASTER_PORT"
 
@@ -26,7 +36,8 @@ AQUILA2_ARGS="--sequence-parallel --tokenizer-type PretrainedFromHF --make-vocab
     --use-mcore-models --split 100,0,0 --distributed-backend nccl"
 OUTPUT_ARGS="--log-interval 1 --save-interval 1000 --eval-interval 1000 --eval-iters 0"
 
-launch() {  # launch MODEL_NAME ARGS...
+launch() {  # launch MODEL_NAME ARGS...: a training run on either route
+    require TOKENIZER_PATH DATA_PATH CKPT_LOAD_DIR CKPT_SAVE_DIR
     local model=$1; shift
     if [ "$ROUTE" = "megatron-lm" ]; then
         : "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout (tag core_v0.16.1)}"

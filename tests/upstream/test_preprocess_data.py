@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
-import pytest
 
 from conftest import BUNDLED_DATA, run_python
 

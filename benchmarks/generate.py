@@ -1,0 +1,134 @@
+"""Generation throughput: ``aquila_npu.generate`` (megatron-core's inference engine) against ``transformers``'
+``generate`` with its KV cache, side by side in one process: same weights, prompts, dtype, device and threads.
+
+Both decode greedily for exactly ``--new-tokens`` tokens per prompt (no end-of-sequence stop, so both do the same
+work); ``transformers`` gets the batch left-padded with an attention mask, as its docs prescribe. tokens/s is
+generated tokens over the wall time of the generate call (the model already loaded), the median of ``--repeat``
+timed calls after one warm-up call each. Target (issue 6): ours / transformers >= 1.0.
+
+    python benchmarks/generate.py [--device cpu|cuda] [--models aquila2-tiny,small] [--batches 1,8]
+        [--new-tokens 64] [--dtype fp32|bf16] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+# a ~0.3B-parameter Aquila2-shaped model (Aquila2's head size 128 and vocabulary), where matmuls, not Python,
+# decide the speed on a few CPU cores
+SMALL = dict(name="aquila2-small", num_layers=8, hidden_size=1024, ffn_hidden_size=2816, num_attention_heads=8,
+             num_query_groups=8, seq_length=1024, max_position_embeddings=1024)
+
+
+def prompts(count: int) -> list[str]:
+    import pyarrow.parquet as pq
+
+    data = [REPO.parent / "shared" / "data", REPO / "examples" / "data"]
+    path = next(p for d in data for p in (d / "alpaca" / "alpaca_5000.parquet", d / "alpaca" / "alpaca_300.parquet")
+                if p.is_file())
+    return pq.read_table(path, columns=["instruction"]).column("instruction").to_pylist()[:count]
+
+
+def median_rate(run, repeat: int) -> tuple[float, int]:
+    run()  # warm-up: allocations, first-call paths
+    rates, tokens = [], 0
+    for _ in range(repeat):
+        started = time.perf_counter()
+        tokens = run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rates.append(tokens / (time.perf_counter() - started))
+    return statistics.median(rates), tokens
+
+
+def ours_runner(generator, texts: list[str], new_tokens: int):
+    from aquila_npu.generate import SamplingOptions
+
+    sampling = SamplingOptions(max_new_tokens=new_tokens, greedy=True)
+    generator.tokenizer.eod = -1  # no end-of-sequence stop: exactly new_tokens per prompt, as for transformers
+
+    def run() -> int:
+        return sum(len(c.tokens) for c in generator.generate(texts, sampling))
+
+    return run
+
+
+def hf_runner(model, tokenizer, texts: list[str], new_tokens: int, bos: int, device: str):
+    ids = [[bos] + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(i) for i in ids)
+    input_ids = torch.tensor([[0] * (width - len(i)) + i for i in ids], device=device)
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=device)
+
+    def run() -> int:
+        with torch.inference_mode():
+            out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False,
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                                 pad_token_id=0)
+        return (out.shape[1] - width) * out.shape[0]
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--models", default="aquila2-tiny,small")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+
+    sys.path.insert(0, str(REPO))
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from aquila_npu import parity, plugin_manager
+    from aquila_npu.generate import GenerateOptions, TextGenerator
+
+    tokenizer_dir = next(str(d / "aquila2_tokenizer") for d in (REPO.parent / "shared" / "data", REPO / "examples" /
+                                                                 "data") if (d / "aquila2_tokenizer").is_dir())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    family, tiny = plugin_manager.get().find_model("aquila2-tiny")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    batches = [int(b) for b in args.batches.split(",")]
+    texts = prompts(max(batches))
+    rows = []
+    for name in args.models.split(","):
+        spec = tiny if name == "aquila2-tiny" else tiny.replace(**SMALL)
+        folder = tempfile.mkdtemp(prefix="generate-bench-")
+        parity.save_random_hf_model(spec, folder)
+        hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+        generator = TextGenerator(GenerateOptions(load=folder, load_model_type="hf", tokenizer_name_or_path=tokenizer_dir,
+                                                  model=None, device=args.device, params_dtype=args.dtype,
+                                                  max_batch_size=max(batches)))
+        params = sum(p.numel() for p in hf.parameters()) / 1e6
+        for batch in batches:
+            ours, n_ours = median_rate(ours_runner(generator, texts[:batch], args.new_tokens), args.repeat)
+            theirs, n_hf = median_rate(hf_runner(hf, tokenizer, texts[:batch], args.new_tokens,
+                                                 family.tokenizer.bos_token_id, args.device), args.repeat)
+            assert n_ours == n_hf == batch * args.new_tokens, (n_ours, n_hf)
+            rows.append((spec.name, f"{params:.0f}M", batch, ours, theirs, ours / theirs))
+            print(f"{spec.name} batch {batch}: ours {ours:.1f} tokens/s, transformers {theirs:.1f} tokens/s, "
+                  f"ratio {ours / theirs:.2f}", flush=True)
+        del hf, generator
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"\n{device}, {args.dtype}, greedy, {args.new_tokens} new tokens per prompt, median of {args.repeat}\n")
+    print("| model | params | batch | aquila_npu.generate tokens/s | transformers generate tokens/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, params, batch, ours, theirs, ratio in rows:
+        print(f"| {name} | {params} | {batch} | {ours:.1f} | {theirs:.1f} | **{ratio:.2f}** |")
+
+
+if __name__ == "__main__":
+    main()
