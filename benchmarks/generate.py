@@ -4,9 +4,9 @@
 Both decode greedily for exactly ``--new-tokens`` tokens per prompt (no end-of-sequence stop, so both do the same
 work); ``transformers`` gets the batch left-padded with an attention mask, as its docs prescribe. tokens/s is
 generated tokens over the wall time of the generate call (the model already loaded), the median of ``--repeat``
-timed calls after one warm-up call each. Target (issue 6): ours / transformers >= 1.0.
+timed calls (taken in turns) after one warm-up call each. Target (issue 6): ours / transformers >= 1.0.
 
-    python benchmarks/generate.py [--device cpu|cuda] [--models aquila2-tiny,small] [--batches 1,8]
+    python benchmarks/generate.py [--device cpu|cuda] [--models aquila2-tiny,small,medium] [--batches 1,8]
         [--new-tokens 64] [--dtype fp32|bf16] [--repeat 3]
 """
 
@@ -23,10 +23,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-# a ~0.3B-parameter Aquila2-shaped model (Aquila2's head size 128 and vocabulary), where matmuls, not Python,
-# decide the speed on a few CPU cores
-SMALL = dict(name="aquila2-small", num_layers=8, hidden_size=1024, ffn_hidden_size=2816, num_attention_heads=8,
-             num_query_groups=8, seq_length=1024, max_position_embeddings=1024)
+# Aquila2-shaped models (Aquila2's head size 128 and vocabulary) beside aquila2-tiny: "small" (~0.3B), where
+# matmuls rather than Python decide the speed on a few CPU cores, and "medium" (~1.2B) for accelerators
+SIZES = {
+    "small": dict(name="aquila2-small", num_layers=8, hidden_size=1024, ffn_hidden_size=2816, num_attention_heads=8,
+                  num_query_groups=8, seq_length=1024, max_position_embeddings=1024),
+    "medium": dict(name="aquila2-medium", num_layers=16, hidden_size=2048, ffn_hidden_size=5632,
+                   num_attention_heads=16, num_query_groups=16, seq_length=1024, max_position_embeddings=1024),
+}
 
 
 def prompts(count: int) -> list[str]:
@@ -38,16 +42,20 @@ def prompts(count: int) -> list[str]:
     return pq.read_table(path, columns=["instruction"]).column("instruction").to_pylist()[:count]
 
 
-def median_rate(run, repeat: int) -> tuple[float, int]:
-    run()  # warm-up: allocations, first-call paths
-    rates, tokens = [], 0
+def median_rates(runs: dict, repeat: int) -> dict:
+    """tokens/s of each runner: the median of ``repeat`` timed calls, taken in turns (ABAB...) so that drift in the
+    machine's speed falls on both alike; one warm-up call each first."""
+    for run in runs.values():
+        run()  # warm-up: allocations, first-call paths
+    rates: dict = {name: [] for name in runs}
     for _ in range(repeat):
-        started = time.perf_counter()
-        tokens = run()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        rates.append(tokens / (time.perf_counter() - started))
-    return statistics.median(rates), tokens
+        for name, run in runs.items():
+            started = time.perf_counter()
+            tokens = run()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            rates[name].append((tokens / (time.perf_counter() - started), tokens))
+    return {name: (statistics.median(r for r, _ in values), values[-1][1]) for name, values in rates.items()}
 
 
 def ours_runner(generator, texts: list[str], new_tokens: int):
@@ -105,7 +113,7 @@ def main() -> None:
     texts = prompts(max(batches))
     rows = []
     for name in args.models.split(","):
-        spec = tiny if name == "aquila2-tiny" else tiny.replace(**SMALL)
+        spec = tiny if name == "aquila2-tiny" else tiny.replace(**SIZES[name])
         folder = tempfile.mkdtemp(prefix="generate-bench-")
         parity.save_random_hf_model(spec, folder)
         hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
@@ -114,9 +122,10 @@ def main() -> None:
                                                   max_batch_size=max(batches)))
         params = sum(p.numel() for p in hf.parameters()) / 1e6
         for batch in batches:
-            ours, n_ours = median_rate(ours_runner(generator, texts[:batch], args.new_tokens), args.repeat)
-            theirs, n_hf = median_rate(hf_runner(hf, tokenizer, texts[:batch], args.new_tokens,
-                                                 family.tokenizer.bos_token_id, args.device), args.repeat)
+            rates = median_rates({"ours": ours_runner(generator, texts[:batch], args.new_tokens),
+                                  "hf": hf_runner(hf, tokenizer, texts[:batch], args.new_tokens,
+                                                  family.tokenizer.bos_token_id, args.device)}, args.repeat)
+            (ours, n_ours), (theirs, n_hf) = rates["ours"], rates["hf"]
             assert n_ours == n_hf == batch * args.new_tokens, (n_ours, n_hf)
             rows.append((spec.name, f"{params:.0f}M", batch, ours, theirs, ours / theirs))
             print(f"{spec.name} batch {batch}: ours {ours:.1f} tokens/s, transformers {theirs:.1f} tokens/s, "

@@ -31,8 +31,10 @@ def controller_class():
         batch: BatchState | None = None
 
         def _torch_sampling_func(self, last_token_logits, temperature, top_k, top_p, vocab_size=None):
-            logits = last_token_logits.float().clone()
-            logits[:, self.tokenizer.vocab_size:] = float("-inf")  # padded vocabulary rows hold no token
+            logits = last_token_logits.float()
+            if logits.shape[-1] > self.tokenizer.vocab_size:  # padded vocabulary rows hold no token
+                logits = logits.clone()
+                logits[:, self.tokenizer.vocab_size:] = float("-inf")
             if temperature == 0.0:
                 tokens = torch.argmax(logits, dim=-1)
             else:
