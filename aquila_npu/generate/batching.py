@@ -29,14 +29,19 @@ def padded_wrapper_class():
             super().__init__(model, *args, **kwargs)
             rotary = model.rotary_pos_emb
             table = rotary.forward
+            cached: dict = {}  # the batch's per-row table, built once (every step of a batch asks for it)
 
             def per_row_rotary(max_seq_len, *a, **k):
                 freqs = table(max_seq_len, *a, **k)  # [s, 1, 1, d]
                 if self.pads is None:
                     return freqs
-                pads = torch.tensor(self.pads, device=freqs.device)
-                index = (torch.arange(freqs.shape[0], device=freqs.device)[:, None] - pads[None, :]).clamp(min=0)
-                return freqs[:, 0][index]  # [s, batch, 1, d]
+                key = (tuple(self.pads), freqs.shape[0])
+                if key not in cached:
+                    cached.clear()
+                    pads = torch.tensor(self.pads, device=freqs.device)
+                    index = (torch.arange(freqs.shape[0], device=freqs.device)[:, None] - pads[None, :]).clamp(min=0)
+                    cached[key] = freqs[:, 0][index]  # [s, batch, 1, d]
+                return cached[key]
 
             rotary.forward = per_row_rotary
 
