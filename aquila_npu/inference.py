@@ -1,5 +1,8 @@
 """What generation and evaluation share: this rank's model loaded from any checkpoint, and the tokenizer.
 
+``open_model(ModelOptions(...))`` resolves the spec, checks the tokenizer and the tensor-parallel size, brings up
+the megatron world and loads this rank's weights; ``add_model_arguments`` gives a command line its flags.
+
 ``load_model`` builds the megatron-core ``GPTModel`` for this tensor-parallel rank and fills it from
 * a ``torch_dist`` checkpoint (converted or trained): megatron-core's ``dist_checkpointing.load`` of the model's
   sharded state dict, which reshards to any tensor-parallel size;
@@ -25,6 +28,101 @@ class LoadedModel:
     spec: object
     dtype: torch.dtype
     source: str  # "hf" | "torch" | "torch_dist"
+
+
+@dataclass
+class ModelOptions:
+    load: str
+    tokenizer_name_or_path: str
+    load_model_type: str = "mg"  # mg (Megatron, either format) | hf (converted in memory)
+    model: str | None = None  # a named spec; otherwise from config.json / the checkpoint's saved arguments
+    plugins: tuple[str, ...] = ()  # model-family plugins to look the spec up in (default: all)
+    device: str | None = None
+    tensor_model_parallel_size: int = 1
+    params_dtype: str | None = None  # fp32 | fp16 | bf16; default: the checkpoint's
+
+
+@dataclass
+class OpenModel:
+    """A model ready for inference on this rank, with what callers need beside it."""
+
+    model: torch.nn.Module
+    spec: object
+    family: object  # the ModelFamily declaring the spec, or None
+    tokenizer: "InferenceTokenizer"
+    dtype: torch.dtype
+    world: object
+
+
+def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
+    """Spec, tokenizer (checked against the model's vocabulary), megatron world and this rank's weights. One model
+    spans all processes (tensor parallelism only): the world size must equal the tensor-parallel size."""
+    from aquila_npu import distributed, plugin_manager
+
+    plugins = plugin_manager.get()
+    if options.plugins:
+        plugins.require(options.plugins)
+    spec = resolve_spec(options.load, options.load_model_type, options.model, plugins, options.plugins or None)
+    tp = options.tensor_model_parallel_size
+    spec.check_parallel(tp)
+    family = family_of(spec, plugins)
+    tokenizer = InferenceTokenizer(options.tokenizer_name_or_path, family.tokenizer if family else None)
+    tokenizer.check_fits(spec)
+    world = distributed.initialize(options.device, tp)
+    import torch.distributed as dist
+
+    if dist.get_world_size() != tp:
+        raise AquilaNpuError(f"{purpose} runs one model over all processes: start {tp} process(es) for "
+                             f"--tensor-model-parallel-size {tp}, not {dist.get_world_size()}")
+    loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype)
+    return OpenModel(loaded.model, spec, family, tokenizer, loaded.dtype, world)
+
+
+def family_of(spec, plugins):
+    """The model family that declares ``spec`` (or derived it from a config), if any."""
+    for family in plugins.families().values():
+        if spec.name in family.spec_names() or spec.name == f"{family.name}-custom":
+            return family
+    families = list(plugins.families().values())
+    return families[0] if len(families) == 1 else None
+
+
+def add_model_arguments(parser) -> None:
+    """The flags that choose and place the model (shared by ``generate`` and ``evaluate``)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--plugin", action="append", default=[], help="model-family plugin(s) to use (default: all)")
+    g.add_argument("--model", default=None, help="a named model spec (default: from the checkpoint)")
+    g.add_argument("--load", required=True, help="checkpoint folder (Megatron torch / torch_dist, or Hugging Face)")
+    g.add_argument("--load-model-type", choices=["mg", "hf"], default="mg")
+    g.add_argument("--tokenizer-name-or-path", required=True, help="the model's tokenizer folder")
+    g.add_argument("--tokenizer-type", choices=["PretrainedFromHF"], default="PretrainedFromHF")
+    g.add_argument("--tokenizer-not-use-fast", action="store_true", help="accepted for the seed's scripts; the fast "
+                                                                         "tokenizer gives the same ids")
+    g.add_argument("--device", default=None, help="cpu, cuda or npu (default: automatic)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, choices=[1],
+                   help="tensor parallelism only")
+    g.add_argument("--params-dtype", choices=sorted(DTYPES), default=None, help="compute dtype (default: the "
+                                                                                "checkpoint's)")
+    g.add_argument("--fp16", action="store_true", help="= --params-dtype fp16")
+    g.add_argument("--bf16", action="store_true", help="= --params-dtype bf16")
+
+
+def model_options_from_args(args) -> dict:
+    """``ModelOptions`` fields from the flags of ``add_model_arguments``."""
+    return dict(load=args.load, tokenizer_name_or_path=args.tokenizer_name_or_path,
+                load_model_type=args.load_model_type, model=args.model, plugins=tuple(args.plugin),
+                device=args.device, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                params_dtype=args.params_dtype or ("fp16" if args.fp16 else "bf16" if args.bf16 else None))
+
+
+def quiet_library_warnings() -> None:
+    """megatron-core's import-time notes ("Apex is not installed ...") and torch's deprecation notices would
+    interleave with a command's own output."""
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"megatron\.")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def resolve_spec(load: str, load_model_type: str, model_name: str | None, plugins, plugin_names=None):

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.generate.controller import TokenCallback, Watch, controller_class
+from aquila_npu.inference import ModelOptions, open_model
 
 
 @dataclass
@@ -47,15 +48,9 @@ class SamplingOptions:
 
 
 @dataclass
-class GenerateOptions:
-    load: str
-    tokenizer_name_or_path: str
-    load_model_type: str = "mg"  # mg (Megatron, either format) | hf (converted in memory)
-    model: str | None = None  # a named spec; otherwise from config.json / the checkpoint's saved arguments
-    plugins: tuple[str, ...] = ()  # model-family plugins to look the spec up in (default: all)
-    device: str | None = None
-    tensor_model_parallel_size: int = 1
-    params_dtype: str | None = None  # fp32 | fp16 | bf16; default: the checkpoint's
+class GenerateOptions(ModelOptions):
+    """The model (``ModelOptions``: checkpoint, tokenizer, device, tensor parallelism, dtype) and the engine."""
+
     max_batch_size: int = 8
     max_sequence_length: int | None = None  # prompt + new tokens; default: the model's max positions
     add_bos: bool | None = None  # default: the model family's tokenizer default
@@ -85,29 +80,11 @@ class TextGenerator:
     """A loaded model ready to generate (one per process; under torchrun every rank builds one)."""
 
     def __init__(self, options: GenerateOptions) -> None:
-        from aquila_npu import distributed, plugin_manager
-        from aquila_npu.inference import InferenceTokenizer, load_model, resolve_spec
-
         self.options = options
-        plugins = plugin_manager.get()
-        if options.plugins:
-            plugins.require(options.plugins)
-        spec = resolve_spec(options.load, options.load_model_type, options.model, plugins, options.plugins or None)
-        spec.check_parallel(options.tensor_model_parallel_size)
-        self.family = _family_of(spec, plugins)
-        self.tokenizer = InferenceTokenizer(options.tokenizer_name_or_path,
-                                            self.family.tokenizer if self.family else None)
-        self.tokenizer.check_fits(spec)
-        self.world = distributed.initialize(options.device, options.tensor_model_parallel_size)
-        import torch.distributed as dist
-
-        if dist.get_world_size() != options.tensor_model_parallel_size:
-            raise AquilaNpuError(f"generation runs one model over all processes: start {options.tensor_model_parallel_size}"
-                                 f" process(es) for --tensor-model-parallel-size {options.tensor_model_parallel_size}, "
-                                 f"not {dist.get_world_size()}")
-        loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype)
-        self.spec, self.model, self.dtype = spec, loaded.model, loaded.dtype
-        self.max_sequence_length = options.max_sequence_length or spec.max_position_embeddings
+        opened = open_model(options, purpose="generation")
+        self.spec, self.model, self.dtype = opened.spec, opened.model, opened.dtype
+        self.family, self.tokenizer, self.world = opened.family, opened.tokenizer, opened.world
+        self.max_sequence_length = options.max_sequence_length or self.spec.max_position_embeddings
         self.engine = self._engine()
 
     def _engine(self):
@@ -206,11 +183,3 @@ class TextGenerator:
             text = text[:cut]
         return Completion(prompt=prompt, text=text, tokens=tokens, finish_reason=reason or "length",
                           prompt_tokens=prompt_ids)
-
-
-def _family_of(spec, plugins):
-    for family in plugins.families().values():
-        if spec.name in family.spec_names() or spec.name == f"{family.name}-custom":
-            return family
-    families = list(plugins.families().values())
-    return families[0] if len(families) == 1 else None

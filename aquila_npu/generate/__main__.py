@@ -1,6 +1,6 @@
 """``python -m aquila_npu.generate`` / ``aquila-npu generate``: text generation and chat (``torchrun`` for TP > 1).
 
-    python -m aquila_npu.generate --plugin aquila2 --model aquila2-7b --load CKPT --tokenizer-name-or-path TOK \\
+    python -m aquila_npu.generate --plugin FAMILY --model NAME --load CKPT --tokenizer-name-or-path TOK \\
         --prompt "..." [--prompt ...] [--prompt-file prompts.txt|prompts.jsonl] [--output results.jsonl] \\
         [--max-new-tokens 128] [--greedy | --temperature 0.7 --top-k 50 --top-p 0.95 --seed 1234] [--stop S]
     python -m aquila_npu.generate ... --chat            # interactive: `clear` resets the history, `exit` quits
@@ -17,31 +17,16 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 from aquila_npu.errors import AquilaNpuError
+from aquila_npu.inference import add_model_arguments, model_options_from_args, quiet_library_warnings
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aquila_npu.generate",
                                      description="Generate text or chat with an Aquila2 checkpoint on megatron-core.")
-    g = parser.add_argument_group("model")
-    g.add_argument("--plugin", action="append", default=[], help="model-family plugin(s) to use (default: all)")
-    g.add_argument("--model", default=None, help="a named model spec (default: from the checkpoint)")
-    g.add_argument("--load", required=True, help="checkpoint folder (Megatron torch / torch_dist, or Hugging Face)")
-    g.add_argument("--load-model-type", choices=["mg", "hf"], default="mg")
-    g.add_argument("--tokenizer-name-or-path", required=True, help="the model's tokenizer folder")
-    g.add_argument("--tokenizer-type", choices=["PretrainedFromHF"], default="PretrainedFromHF")
-    g.add_argument("--tokenizer-not-use-fast", action="store_true", help="accepted for the seed's scripts; the fast "
-                                                                         "tokenizer gives the same ids")
-    g.add_argument("--device", default=None, help="cpu, cuda or npu (default: automatic)")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, choices=[1],
-                   help="generation runs tensor parallel only")
-    g.add_argument("--params-dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="compute dtype (default: the checkpoint's)")
-    g.add_argument("--fp16", action="store_true", help="= --params-dtype fp16")
-    g.add_argument("--bf16", action="store_true", help="= --params-dtype bf16")
+    add_model_arguments(parser)
+    g = parser.add_argument_group("engine")
     g.add_argument("--max-batch-size", "--micro-batch-size", type=int, default=8, dest="max_batch_size",
                    help="prompts generated together (KV cache rows)")
     g.add_argument("--max-sequence-length", "--seq-length", type=int, default=None, dest="max_sequence_length",
@@ -132,19 +117,12 @@ def read_prompt_file(path: str, chat: bool) -> list:
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    """All records, written to a temporary file beside ``path`` and renamed into place when complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """All records, one JSON object a line; the file appears only when complete."""
+    from aquila_npu.files import atomic_text_file
+
+    with atomic_text_file(path) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _sampling(args):
@@ -159,11 +137,7 @@ def _sampling(args):
 def _options(args):
     from aquila_npu.generate import GenerateOptions
 
-    dtype = args.params_dtype or ("fp16" if args.fp16 else "bf16" if args.bf16 else None)
-    return GenerateOptions(load=args.load, tokenizer_name_or_path=args.tokenizer_name_or_path,
-                           load_model_type=args.load_model_type, model=args.model, plugins=tuple(args.plugin),
-                           device=args.device, tensor_model_parallel_size=args.tensor_model_parallel_size,
-                           params_dtype=dtype, max_batch_size=args.max_batch_size,
+    return GenerateOptions(**model_options_from_args(args), max_batch_size=args.max_batch_size,
                            max_sequence_length=args.max_sequence_length, add_bos=args.add_bos)
 
 
@@ -284,13 +258,8 @@ def _single_turn(args):
 
 
 def main(argv=None) -> int:
-    import warnings
-
     args = build_parser().parse_args(argv)
-    # megatron-core's import-time notes ("Apex is not installed ...") and torch's deprecation notices would
-    # interleave with the streamed text
-    warnings.filterwarnings("ignore", module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    quiet_library_warnings()
     from aquila_npu import distributed
 
     try:

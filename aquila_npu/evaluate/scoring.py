@@ -1,0 +1,122 @@
+"""Scoring choices with the model: lm-evaluation-harness's log-likelihood, and ModelLink's first-token probability.
+
+Log-likelihood (lm-evaluation-harness, ``HFLM.loglikelihood``): the context's trailing whitespace moves to the
+continuation; the continuation's ids are those of ``tokenize(context + continuation)`` after the first
+``len(tokenize(context))`` (no special tokens); the model reads ``(context + continuation)[-(max_len + 1):][:-1]``
+and the score is the sum of the log-probabilities of the continuation's ids. When every choice of a question is one
+token after the same context (BoolQ's " no"/" yes", MMLU's " A".." D"), one forward pass of the context scores them
+all, as lm-evaluation-harness's one-token cache does.
+
+First token (ModelLink's BoolQ): the probabilities, after the prompt, of the first token of each choice's word.
+
+Rows are sorted longest first and batched (right-padded: a causal model's earlier positions do not see the
+padding); the model's output layer is applied only at the positions read (a pre-hook selects them), so a batch
+never holds logits for every position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+def encode_pair(tokenize, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-evaluation-harness's ``_encode_pair`` for causal models."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenize(context + continuation)
+    context_ids = tokenize(context)
+    return context_ids, whole[len(context_ids):]
+
+
+@dataclass
+class Row:
+    """One model input and what is read from it: for choice ``choices[i]``, the log-probabilities of
+    ``targets[i]`` at ``positions[i]`` (the positions whose next token is the target)."""
+
+    example: int
+    tokens: list[int]
+    choices: list[int]
+    positions: list[list[int]]
+    targets: list[list[int]]
+
+
+def loglikelihood_rows(example_index: int, context: str, continuations, tokenize, max_length: int) -> list[Row]:
+    pairs = [encode_pair(tokenize, context, c) for c in continuations]
+    contexts = {tuple(ctx) for ctx, _ in pairs}
+    if len(contexts) == 1 and all(len(cont) == 1 for _, cont in pairs):
+        tokens = pairs[0][0][-max_length:]
+        last = len(tokens) - 1
+        return [Row(example_index, tokens, list(range(len(pairs))), [[last]] * len(pairs),
+                    [cont for _, cont in pairs])]
+    rows = []
+    for choice, (ctx, cont) in enumerate(pairs):
+        whole = (ctx + cont)[-(max_length + 1):]
+        tokens = whole[:-1]
+        first = len(tokens) - len(cont)
+        rows.append(Row(example_index, tokens, [choice], [list(range(first, len(tokens)))], [cont]))
+    return rows
+
+
+def first_token_row(example_index: int, context: str, words, tokenize, max_length: int) -> Row:
+    tokens = tokenize(context)[-max_length:]
+    targets = [[tokenize(word)[0]] for word in words]
+    return Row(example_index, tokens, list(range(len(words))), [[len(tokens) - 1]] * len(words), targets)
+
+
+@contextlib.contextmanager
+def _only_positions(model, positions: torch.Tensor):
+    """While active, the model's output layer sees only ``positions`` ([batch, k]) of each row."""
+
+    def select(module, args, kwargs):
+        hidden = args[0]  # [sequence, batch, hidden]
+        rows = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
+        return (hidden[positions.t().to(hidden.device), rows],) + tuple(args[1:]), kwargs
+
+    handle = model.output_layer.register_forward_pre_hook(select, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def log_probs_at(model, tokens: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """fp32 log-probabilities ``[batch, k, vocab_size]`` of the next token at ``positions`` ([batch, k]) of
+    ``tokens`` ([batch, sequence]); a ``GPTModel`` built with ``parallel_output=False``."""
+    device = next(model.parameters()).device
+    tokens = tokens.to(device)
+    position_ids = torch.arange(tokens.shape[1], device=device)[None, :].expand_as(tokens)
+    with torch.inference_mode(), _only_positions(model, positions.to(device)):
+        logits = model(tokens, position_ids, None)
+    return logits[..., :vocab_size].float().log_softmax(dim=-1)
+
+
+def score_rows(model, rows: list[Row], vocab_size: int, pad_id: int, micro_batch_size: int, on_batch=None):
+    """``{(example, choice): [log-probability of each target token]}`` for every row, in batches of rows of
+    similar length (longest first); ``on_batch(rows)`` after each batch."""
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
+    results: dict[tuple[int, int], list[float]] = {}
+    for start in range(0, len(order), micro_batch_size):
+        batch = [rows[i] for i in order[start:start + micro_batch_size]]
+        width = max(len(row.tokens) for row in batch)
+        tokens = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        for b, row in enumerate(batch):
+            tokens[b, :len(row.tokens)] = torch.tensor(row.tokens)
+        reads = [(b, choice, positions, targets) for b, row in enumerate(batch)
+                 for choice, positions, targets in zip(row.choices, row.positions, row.targets)]
+        read_at = [sorted({p for ps in row.positions for p in ps}) for row in batch]
+        positions = torch.zeros(len(batch), max(len(flat) for flat in read_at), dtype=torch.long)
+        for b, flat in enumerate(read_at):
+            positions[b, :len(flat)] = torch.tensor(flat)
+            positions[b, len(flat):] = flat[-1]
+        log_probs = log_probs_at(model, tokens, positions, vocab_size).cpu()
+        for b, choice, wanted, targets in reads:
+            slots = positions[b].tolist()
+            results[(batch[b].example, choice)] = [
+                log_probs[b, slots.index(p), t].item() for p, t in zip(wanted, targets)]
+        if on_batch is not None:
+            on_batch(batch)
+    return results
