@@ -79,6 +79,29 @@ def hf_greedy(hf_dir: str, prompts: list[list[int]], max_new_tokens: int, eos_to
     return completions
 
 
+def hf_loglikelihoods(hf_dir: str, tokenizer_dir: str, contexts: list[str], continuations, max_length: int):
+    """``[[log-likelihood of each continuation] per context]`` from ``transformers``, lm-evaluation-harness's way
+    (its ``_encode_pair`` and left truncation), one sequence at a time."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from aquila_npu.evaluate.scoring import encode_pair
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenize = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    model = LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    scores = []
+    for context in contexts:
+        row = []
+        for continuation in continuations:
+            ctx, cont = encode_pair(tokenize, context, continuation)
+            inp = (ctx + cont)[-(max_length + 1):][:-1]
+            with torch.no_grad():
+                log_probs = model(torch.tensor([inp])).logits[0].float().log_softmax(-1)
+            row.append(sum(log_probs[p, t].item() for p, t in zip(range(len(inp) - len(cont), len(inp)), cont)))
+        scores.append(row)
+    return scores
+
+
 def megatron_logits(hf_dir: str, tokens: torch.Tensor, sequence_parallel: bool = False) -> torch.Tensor:
     """Full-vocabulary logits of the megatron-core model on this rank's slice (call ``distributed.initialize``
     first). The spec is derived from ``config.json``; weights are read from the safetensors files."""

@@ -6,8 +6,8 @@ HF -> Megatron TP=2 -> HF (bit-exact) with megatron-core loading the converted c
 (Alpaca -> pretraining and instruction datasets, read back with megatron-core's IndexedDataset), pretraining and
 instruction fine-tuning with the megatron-core driver, and the fine-tuned checkpoint converted back to Hugging Face
 (--verify), then generation on megatron-core's inference engine (greedy completions of the converted checkpoint
-against ``transformers``' ``generate``, and a chat turn of the fine-tuned model). Later stages of the workflow
-(evaluate) are appended here as they land.
+against ``transformers``' ``generate``, and a chat turn of the fine-tuned model), and BoolQ evaluation of the
+converted checkpoint against ``transformers`` scored lm-evaluation-harness's way.
 """
 
 from __future__ import annotations
@@ -149,6 +149,41 @@ def _chat_stage(work: Path, checkpoint: str, tokenizer_dir: str, family, spec, d
     ok = record["prompt"] == template.render(messages) and bool(record["tokens"])
     return ok, (f"the fine-tuned checkpoint answers through the {template.name} template "
                 f"({len(record['tokens'])} tokens sampled; a tiny random model's words, not sense)")
+
+
+BOOLQ_EXAMPLES = 50
+
+
+def _boolq_file() -> str:
+    candidates = [root / "boolq" / name for root in reversed(DATA_ROOTS) for name in ("dev.jsonl", "dev_300.jsonl")]
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise AquilaNpuError(f"no BoolQ dev file at {' or '.join(map(str, candidates))}")
+
+
+def _boolq_stage(work: Path, mg_dir: str, hf_dir: str, tokenizer_dir: str, tp: int, spec,
+                 device: str | None) -> tuple[bool, str]:
+    """``python -m aquila_npu.evaluate boolq`` on the converted checkpoint vs ``transformers``, lm-eval's way."""
+    from aquila_npu.parity import hf_loglikelihoods
+
+    data, out = _boolq_file(), work / "boolq.json"
+    command = ["-m", "aquila_npu.evaluate", "boolq", "--load", mg_dir, "--tokenizer-name-or-path", tokenizer_dir,
+               "--tensor-model-parallel-size", str(tp), "--task-data-path", data, "--limit", str(BOOLQ_EXAMPLES),
+               "--output", str(out), "--no-progress"] + (["--device", device] if device else [])
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}"] if tp > 1 else []
+    _run_step([sys.executable, *launcher, *command], "evaluate", threads=1)
+    result = json.loads(out.read_text(encoding="utf-8"))
+    with open(data, encoding="utf-8") as f:
+        docs = [json.loads(line) for line, _ in zip(f, range(BOOLQ_EXAMPLES))]
+    contexts = [f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:" for d in docs]
+    expected = hf_loglikelihoods(hf_dir, tokenizer_dir, contexts, (" no", " yes"), spec.max_position_embeddings)
+    diff = max(abs(e["scores"][c] - v) for e, row in zip(result["examples"], expected) for c, v in zip(("no", "yes"), row))
+    same = all(e["prediction"] == int(row[1] > row[0]) for e, row in zip(result["examples"], expected))
+    ok = same and diff <= PARITY_TOLERANCE_HF
+    return ok, (f"TP={tp}, {result['n']} BoolQ dev questions: accuracy {result['accuracy']:.3f} (a random model); "
+                f"max |log-likelihood diff| vs transformers {diff:.1e}, predictions "
+                f"{'identical' if same else 'DIFFERENT'}; {result['examples_per_second']:.1f} examples/s")
 
 
 def _tokenizer_dir(option: str | None, family) -> str:
@@ -300,6 +335,11 @@ def run(options: QuickstartOptions) -> int:
     t = time.perf_counter()
     ok, detail = _chat_stage(work, finetuned, tokenizer_dir, family, spec, options.device)
     stage("chat", detail, t, ok)
+
+    t = time.perf_counter()
+    ok, detail = _boolq_stage(work, mg_dir, hf_dir, tokenizer_dir, 1 if options.skip_tp2 else 2, spec,
+                              options.device)
+    stage("evaluate", detail, t, ok)
 
     from aquila_npu.__main__ import _table
 

@@ -92,3 +92,25 @@ def test_generate_script_passes_prompts_instead_of_chat(tmp_path):
     env.pop("TOKENIZER_PATH")
     result = subprocess.run(["bash", script], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "set TOKENIZER_PATH" in result.stderr
+
+
+@pytest.mark.parametrize("script, model", [("evaluate_aquila2_7b_ptd.sh", "aquila2-7b"),
+                                           ("evaluate_aquila2_34b_ptd.sh", "aquila2-34b")])
+def test_evaluate_scripts_parse_with_the_seed_variables(tmp_path, script, model):
+    from aquila_npu.evaluate.__main__ import build_parser
+
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "TOKENIZER_PATH": "tok",
+           "CKPT_LOAD_DIR": "ck", "EVAL_DATA_PATH": "boolq/dev.jsonl", "TASK": "mmlu"}
+    path = str(REPO / "examples" / "aquila2" / script)
+    argv = subprocess.run(["bash", path, "--limit", "5"], capture_output=True, text=True, env=env,
+                          check=True).stdout.splitlines()
+    args = build_parser().parse_args(argv[argv.index("-m") + 2:])
+    assert (args.task_name, args.model, args.load, args.task_data_path) == ("mmlu", model, "ck", "boolq/dev.jsonl")
+    assert (args.tensor_model_parallel_size, args.limit) == (8, 5)
+    env.pop("EVAL_DATA_PATH")
+    result = subprocess.run(["bash", path], capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "set EVAL_DATA_PATH" in result.stderr

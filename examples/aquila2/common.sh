@@ -3,7 +3,8 @@
 #   ROUTE=megatron-lm  torchrun $MEGATRON_LM_PATH/pretrain_gpt.py --plugin aquila2  -- unmodified Megatron-LM
 # Variables as in the seed: TOKENIZER_PATH, DATA_PATH, CKPT_LOAD_DIR, CKPT_SAVE_DIR; cluster: NPUS_PER_NODE,
 # MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK. The device (npu, cuda, cpu) is chosen automatically.
-# generate_* scripts need only TOKENIZER_PATH and CKPT_LOAD_DIR and run on one node (tensor parallel).
+# generate_* and evaluate_* scripts need TOKENIZER_PATH and CKPT_LOAD_DIR (evaluate_*: EVAL_DATA_PATH, TASK) and
+# run on one node (tensor parallel).
 set -euo pipefail
 
 NPUS_PER_NODE=${NPUS_PER_NODE:-8}
@@ -18,7 +19,8 @@ require() {  # require VAR...: the seed's path variables a script needs
     for name in "$@"; do
         if [ -z "${!name:-}" ]; then
             echo "$(basename "$0"): set $name (TOKENIZER_PATH: the tokenizer folder; DATA_PATH: the dataset prefix;" \
-                 "CKPT_LOAD_DIR: the converted checkpoint; CKPT_SAVE_DIR: where to save)" >&2
+                 "CKPT_LOAD_DIR: the converted checkpoint; CKPT_SAVE_DIR: where to save;" \
+                 "EVAL_DATA_PATH: the task's data file or folder)" >&2
             exit 2
         fi
     done
