@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from typing import Callable
 
 from aquila_npu import plugin_manager
+from aquila_npu.errors import AquilaNpuError
 from aquila_npu.patching import PatchRegistry
 
 
@@ -81,6 +84,19 @@ def shutdown() -> None:
     if _world is not None:
         _world.registry.revert()
         _world = None
+
+
+def run_command(name: str, body: Callable[[], int | None]) -> int:
+    """Run a command-line verb: a user error (``AquilaNpuError``) is one line on stderr and exit status 2, never a
+    traceback; the megatron world the verb brought up is torn down either way."""
+    try:
+        return body() or 0
+    except AquilaNpuError as exc:
+        print(f"aquila-npu {name}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if _world is not None:
+            shutdown()
 
 
 @contextlib.contextmanager

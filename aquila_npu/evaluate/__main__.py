@@ -61,38 +61,34 @@ def main(argv=None) -> int:
     quiet_library_warnings()
     from aquila_npu import distributed
 
-    try:
-        task = args.task_name or args.task_flag
-        if not task:
-            raise AquilaNpuError("name the task: python -m aquila_npu.evaluate boolq|mmlu|ceval ...")
-        if args.task_name and args.task_flag and args.task_name != args.task_flag:
-            raise AquilaNpuError(f"two tasks given: {args.task_name} and --task {args.task_flag}")
-        from aquila_npu.evaluate import EvaluateOptions, build_examples, evaluate
+    return distributed.run_command("evaluate", lambda: _run(args))
 
-        options = EvaluateOptions(**model_options_from_args(args), task=task, task_data_path=args.task_data_path,
-                                  limit=args.limit, micro_batch_size=args.micro_batch_size,
-                                  num_fewshot=args.num_fewshot, scoring=args.scoring, progress=not args.no_progress)
-        build_examples(options)  # bad data fails before the model loads
-        result = evaluate(options)
-        import torch.distributed as dist
 
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            rate = result["examples_per_second"]
-            print(f"{result['task']} ({result['scoring']}, {result['num_fewshot']}-shot): accuracy "
-                  f"{result['accuracy']:.4f} ± {result['stderr']:.4f} over {result['n']} examples"
-                  + (f" ({rate:.2f} examples/s)" if rate else ""), flush=True)
-            for subject, figures in result.get("subjects", {}).items():
-                print(f"  {subject}: {figures['accuracy']:.4f} ({figures['n']})")
-            if args.output:
-                write_json(args.output, result)
-                print(f"wrote {args.output}", file=sys.stderr)
-    except AquilaNpuError as exc:
-        print(f"aquila-npu evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if distributed._world is not None:
-            distributed.shutdown()
-    return 0
+def _run(args) -> None:
+    task = args.task_name or args.task_flag
+    if not task:
+        raise AquilaNpuError("name the task: python -m aquila_npu.evaluate boolq|mmlu|ceval ...")
+    if args.task_name and args.task_flag and args.task_name != args.task_flag:
+        raise AquilaNpuError(f"two tasks given: {args.task_name} and --task {args.task_flag}")
+    from aquila_npu.evaluate import EvaluateOptions, build_examples, evaluate
+
+    options = EvaluateOptions(**model_options_from_args(args), task=task, task_data_path=args.task_data_path,
+                              limit=args.limit, micro_batch_size=args.micro_batch_size,
+                              num_fewshot=args.num_fewshot, scoring=args.scoring, progress=not args.no_progress)
+    build_examples(options)  # bad data fails before the model loads
+    result = evaluate(options)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        rate = result["examples_per_second"]
+        print(f"{result['task']} ({result['scoring']}, {result['num_fewshot']}-shot): accuracy "
+              f"{result['accuracy']:.4f} ± {result['stderr']:.4f} over {result['n']} examples"
+              + (f" ({rate:.2f} examples/s)" if rate else ""), flush=True)
+        for subject, figures in result.get("subjects", {}).items():
+            print(f"  {subject}: {figures['accuracy']:.4f} ({figures['n']})")
+        if args.output:
+            write_json(args.output, result)
+            print(f"wrote {args.output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ class _LetterChoice(Task):
         finally:
             self.split_suffix = saved
 
-    def _csv_rows(self, file: str, header: bool):
+    def _csv_rows(self, file: str):
         try:
             with open(file, encoding="utf-8", newline="") as f:
                 rows = list(csv.reader(f))
@@ -211,7 +211,7 @@ class _LetterChoice(Task):
             raise AquilaNpuError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except (OSError, csv.Error) as exc:
             raise _open_error(file, exc) from None
-        return [(number, row) for number, row in enumerate(rows, 1) if row][1 if header else 0:]
+        return [(number, row) for number, row in enumerate(rows, 1) if row]
 
 
 class MMLU(_LetterChoice):
@@ -234,7 +234,7 @@ class MMLU(_LetterChoice):
                 continue
             subject = os.path.basename(file)[:-len(f"{self.split_suffix}.csv")] if file.endswith(
                 f"{self.split_suffix}.csv") else os.path.splitext(os.path.basename(file))[0]
-            for number, row in self._csv_rows(file, header=False):
+            for number, row in self._csv_rows(file):
                 where = f"{file}, line {number}"
                 if len(row) != 6:
                     raise AquilaNpuError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
@@ -255,7 +255,7 @@ class CEval(_LetterChoice):
             name = os.path.basename(file)
             subject = name[:-len(f"{self.split_suffix}.csv")] if name.endswith(f"{self.split_suffix}.csv") \
                 else os.path.splitext(name)[0]
-            rows = self._csv_rows(file, header=False)
+            rows = self._csv_rows(file)
             if not rows:
                 continue
             header = [h.strip() for h in rows[0][1]]

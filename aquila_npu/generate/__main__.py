@@ -262,40 +262,36 @@ def main(argv=None) -> int:
     quiet_library_warnings()
     from aquila_npu import distributed
 
-    try:
-        if args.chat and not (args.prompt or args.prompt_file):
-            mode, items = "interactive", None
-        elif args.prompt or args.prompt_file:
-            mode = "given"
-            items = list(args.prompt) + (read_prompt_file(args.prompt_file, args.chat) if args.prompt_file else [])
-        else:
-            mode, items = "stdin", None
-        _sampling(args)  # bad sampling flags fail before the model loads
-        from aquila_npu.generate import TextGenerator
+    return distributed.run_command("generate", lambda: _run(args))
 
-        generator = TextGenerator(_options(args))
-        if mode == "interactive":
-            interactive_chat(generator, args)
-            return 0
-        if mode == "stdin":
-            items = _shared([line.rstrip("\n") for line in sys.stdin if line.strip()] if _rank() == 0 else None)
-            if not items:
-                raise AquilaNpuError("no prompts: give --prompt, --prompt-file, or prompts on stdin (one per line)")
-        if args.chat:
-            conversations = [m if isinstance(m, list) else [{"role": "user", "content": m}] for m in items]
-            records = run_conversations(generator, args, conversations)
-        else:
-            records = run_prompts(generator, args, items)
-        if args.output and _rank() == 0:
-            write_jsonl(args.output, records)
-            _say(f"wrote {len(records)} result(s) to {args.output}", err=True)
-    except AquilaNpuError as exc:
-        print(f"aquila-npu generate: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if distributed._world is not None:
-            distributed.shutdown()
-    return 0
+
+def _run(args) -> None:
+    if args.chat and not (args.prompt or args.prompt_file):
+        mode, items = "interactive", None
+    elif args.prompt or args.prompt_file:
+        mode = "given"
+        items = list(args.prompt) + (read_prompt_file(args.prompt_file, args.chat) if args.prompt_file else [])
+    else:
+        mode, items = "stdin", None
+    _sampling(args)  # bad sampling flags fail before the model loads
+    from aquila_npu.generate import TextGenerator
+
+    generator = TextGenerator(_options(args))
+    if mode == "interactive":
+        interactive_chat(generator, args)
+        return
+    if mode == "stdin":
+        items = _shared([line.rstrip("\n") for line in sys.stdin if line.strip()] if _rank() == 0 else None)
+        if not items:
+            raise AquilaNpuError("no prompts: give --prompt, --prompt-file, or prompts on stdin (one per line)")
+    if args.chat:
+        conversations = [m if isinstance(m, list) else [{"role": "user", "content": m}] for m in items]
+        records = run_conversations(generator, args, conversations)
+    else:
+        records = run_prompts(generator, args, items)
+    if args.output and _rank() == 0:
+        write_jsonl(args.output, records)
+        _say(f"wrote {len(records)} result(s) to {args.output}", err=True)
 
 
 if __name__ == "__main__":

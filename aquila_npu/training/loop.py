@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import resource
-import sys
 import time
 from functools import partial
 
@@ -372,14 +371,4 @@ def _print_last(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from aquila_npu.training.arguments import parse
 
-    try:
-        args = parse(argv)
-        trainer = Trainer(args)
-        trainer.train()
-    except AquilaNpuError as exc:
-        print(f"aquila-npu pretrain: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if distributed._world is not None:
-            distributed.shutdown()
-    return 0
+    return distributed.run_command("pretrain", lambda: Trainer(parse(argv)).train())
