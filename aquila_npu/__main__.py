@@ -8,6 +8,7 @@ Subcommands:
   plugins     installed plugins, their hooks, model specs and devices (``--model NAME``: one spec in detail;
               ``--patches``: the patches a device registers)
   quickstart  the seed workflow end to end on a tiny model, on whatever device this machine has
+  doctor      versions, devices, kernel implementations, and what the NPU path lacks on this machine
 """
 
 from __future__ import annotations
@@ -92,6 +93,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         alpaca=args.alpaca))
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from aquila_npu import doctor
+
+    print(doctor.render(doctor.collect()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aquila-npu", description="Aquila2 on unmodified Megatron, via plugins.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--alpaca", default=None, help="Alpaca parquet for the preprocessing stage (default: the shared "
                                                   "5,000 records, else the bundled sample)")
     q.set_defaults(func=cmd_quickstart)
+    d = sub.add_parser("doctor", help="versions, devices, kernels, and what the NPU path lacks here")
+    d.set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -1,0 +1,128 @@
+"""``aquila-npu doctor``: what this machine has for aquila-npu, and what the NPU path still lacks.
+
+It reports the versions that matter (Python, torch, torch_npu, CANN, CUDA, megatron-core, transformers), every
+device plugin's verdict on this machine (available, or why not) with its distributed backend, which implementation
+each kernel seam of the layer will use on each device, and a list of what is missing before Aquila2 can run on an
+Ascend NPU. It only looks: nothing is initialised, no device memory is touched, and it never fails on a machine
+that lacks something — that is what it reports.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+from dataclasses import dataclass, field
+
+# where CANN's toolkit says which version it is (set_env.sh exports ASCEND_TOOLKIT_HOME / ASCEND_HOME_PATH)
+CANN_HOMES = ("ASCEND_TOOLKIT_HOME", "ASCEND_HOME_PATH")
+CANN_DEFAULT_HOME = "/usr/local/Ascend/ascend-toolkit/latest"
+CANN_VERSION_FILES = ("version.cfg", "version.info", "compiler/version.info", "runtime/version.info")
+
+
+@dataclass
+class Report:
+    versions: dict[str, str] = field(default_factory=dict)
+    devices: list[dict] = field(default_factory=list)
+    kernels: list[dict] = field(default_factory=list)
+    npu_missing: list[str] = field(default_factory=list)
+    selected: str | None = None
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def cann_version(environ=os.environ) -> tuple[str | None, str | None]:
+    """(version, toolkit folder) of the CANN toolkit, if one is found."""
+    homes = [environ[name] for name in CANN_HOMES if environ.get(name)] + [CANN_DEFAULT_HOME]
+    for home in homes:
+        for name in CANN_VERSION_FILES:
+            path = os.path.join(home, name)
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        key, _, value = line.partition("=")
+                        if key.strip().lower() in ("version", "toolkit_version", "runtime_version") and value.strip():
+                            return value.strip().strip('"'), home
+                return "unknown", home
+    return None, None
+
+
+def _describe(implementation) -> str:
+    if implementation is None:
+        return "megatron-core's own"
+    return f"{implementation.__module__}.{getattr(implementation, '__qualname__', implementation.__class__.__name__)}"
+
+
+def collect() -> Report:
+    import torch
+
+    from aquila_npu import plugin_manager
+
+    report = Report()
+    cann, cann_home = cann_version()
+    report.versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_npu": _version("torch_npu"),
+        "CANN": f"{cann} ({cann_home})" if cann else "not found",
+        "CUDA (torch build)": torch.version.cuda or "none (CPU build)",
+        "megatron-core": _version("megatron-core"),
+        "transformers": _version("transformers"),
+        "aquila-npu": _version("aquila-npu"),
+    }
+    plugins = plugin_manager.get()
+    for device, priority in plugins.devices().items():
+        available = plugins.device_available(device)
+        why = "" if available else (plugins.hook.aquila_npu_device_unavailable_reason(device=device) or "not available")
+        report.devices.append({"device": device, "priority": priority, "available": "yes" if available else "no",
+                               "backend": plugins.backend(device) or "", "why not": why})
+        kernels = plugins.kernels(device)
+        report.kernels.append({"device": device, "set": kernels.name, "rms_norm": _describe(kernels.norm),
+                               "attention": _describe(kernels.core_attention),
+                               "swiglu": _describe(kernels.activation), "rotary": _describe(kernels.rotary)})
+    report.selected = next((d["device"] for d in report.devices if d["available"] == "yes"), None)
+    report.npu_missing = npu_missing(report, cann)
+    return report
+
+
+def npu_missing(report: Report, cann: str | None) -> list[str]:
+    """What stands between this machine and the NPU path, one line each (empty when nothing does)."""
+    missing = []
+    if cann is None:
+        missing.append(f"the CANN toolkit: install it and `source set_env.sh` (looked at ${' / $'.join(CANN_HOMES)} "
+                       f"and {CANN_DEFAULT_HOME})")
+    if importlib.util.find_spec("torch_npu") is None:
+        missing.append("torch_npu: `pip install aquila-npu[npu]` (a build matching torch "
+                       f"{report.versions['torch'].split('+')[0]})")
+    else:
+        torch_major_minor = ".".join(report.versions["torch"].split("+")[0].split(".")[:2])
+        npu_version = report.versions["torch_npu"]
+        if not npu_version.startswith(torch_major_minor):
+            missing.append(f"torch_npu {npu_version} is not built for torch {report.versions['torch']}: install the "
+                           f"torch_npu release for torch {torch_major_minor}")
+    npu = next((d for d in report.devices if d["device"] == "npu"), None)
+    if npu is None:
+        missing.append("the npu device plugin (aquila_npu.plugins.npu) is not registered: reinstall aquila-npu")
+    elif npu["available"] != "yes" and not missing:
+        missing.append(f"an NPU: {npu['why not']}")
+    return missing
+
+
+def render(report: Report) -> str:
+    from aquila_npu.__main__ import _table
+
+    lines = ["versions:"] + [f"  {name:20} {value}" for name, value in report.versions.items()]
+    lines += ["", "devices (automatic selection takes the first available):",
+              _table(report.devices, ["device", "priority", "available", "backend", "why not"])]
+    lines += ["", f"selected device: {report.selected or 'none'}"]
+    lines += ["", "kernel implementations per device (the layer spec's seams):",
+              _table(report.kernels, ["device", "set", "rms_norm", "attention", "swiglu", "rotary"])]
+    lines += ["", "NPU path: " + ("ready" if not report.npu_missing else "missing")]
+    lines += [f"  - {item}" for item in report.npu_missing]
+    return "\n".join(lines)
