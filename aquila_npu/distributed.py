@@ -86,11 +86,12 @@ def shutdown() -> None:
         _world = None
 
 
-def run_command(name: str, body: Callable[[], int | None]) -> int:
-    """Run a command-line verb: a user error (``AquilaNpuError``) is one line on stderr and exit status 2, never a
-    traceback; the megatron world the verb brought up is torn down either way."""
+def run_command(name: str, body: Callable[[], None]) -> int:
+    """Run a command-line verb: 0 when ``body`` returns; a user error (``AquilaNpuError``) is one line on stderr and
+    exit status 2, never a traceback; the megatron world the verb brought up is torn down either way."""
     try:
-        return body() or 0
+        body()
+        return 0
     except AquilaNpuError as exc:
         print(f"aquila-npu {name}: error: {exc}", file=sys.stderr)
         return 2

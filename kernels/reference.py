@@ -36,3 +36,39 @@ class RMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+def rotate_half(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Aquila2/Llama): ``t * cos + rotate_half(t) * sin``. ``t`` is ``[s, b, n, d]`` (sbhd) or
+    ``[b, s, n, d]`` (bshd); ``cos``/``sin`` broadcast to it (``[s, 1, 1, d]`` or ``[1, s, 1, d]``)."""
+    return t * cos + rotate_half(t) * sin
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention, layout sbhd: ``query`` ``[s, b, heads, d]``, ``key``/``value`` ``[s, b, groups, d]`` (GQA:
+    ``heads`` a multiple of ``groups``); ``key_padding_mask`` ``[b, s]``, True where a key is padding. Returns
+    ``[s, b, heads, d]``. Softmax in fp32."""
+    s, b, heads, d = query.shape
+    groups = key.shape[2]
+    if groups != heads:
+        key = key.repeat_interleave(heads // groups, dim=2)
+        value = value.repeat_interleave(heads // groups, dim=2)
+    q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    masked = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)[None, None]
+    if key_padding_mask is not None:
+        masked = masked | key_padding_mask[:, None, None, :]
+    probs = scores.masked_fill(masked, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    return torch.matmul(probs.to(value.dtype), v).permute(2, 0, 1, 3)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on megatron-core's fused ``linear_fc1`` output ``[..., 2 * ffn]`` (gate, then up): ``silu(gate) * up``."""
+    gate, up = x.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

@@ -371,4 +371,7 @@ def _print_last(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     from aquila_npu.training.arguments import parse
 
-    return distributed.run_command("pretrain", lambda: Trainer(parse(argv)).train())
+    def run() -> None:
+        Trainer(parse(argv)).train()
+
+    return distributed.run_command("pretrain", run)
