@@ -4,10 +4,8 @@
 ``GPTInferenceWrapper`` (with a ``StaticInferenceContext``: the KV cache), a ``TextGenerationController`` and the
 ``StaticInferenceEngine``, which batches requests. Prompts of different lengths share a batch, left-padded
 so that one forward pass prefills them all, with masks and rotary positions that make every row see exactly what
-it would see alone.
-
-The controller is megatron-core's with HF-ordered sampling, per-request stopping and streaming, and left-padded
-batches (``aquila_npu.generate.controller``, ``.batching``). ``python -m aquila_npu.generate`` is the command line.
+it would see alone (``aquila_npu.generate.batching``); the controller adds HF-ordered sampling, per-request
+stopping and streaming (``aquila_npu.generate.controller``). ``python -m aquila_npu.generate`` is the command line.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
-
 
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.generate.controller import TokenCallback, Watch, controller_class
@@ -152,6 +149,11 @@ class TextGenerator:
         started = time.perf_counter()
         try:
             self._run()
+        except BaseException:
+            # an interrupted call leaves no requests behind for the next one to run
+            for pool in (self.engine.scheduler.active_request_pool, self.engine.scheduler.waiting_request_pool):
+                pool.clear()
+            raise
         finally:
             controller.watch = Watch(max_new_tokens=1)
         seconds = time.perf_counter() - started
