@@ -36,3 +36,11 @@ def reference_kernels() -> KernelSet:
     from aquila_npu.kernels.reference import RMSNorm
 
     return KernelSet(name="reference", norm=RMSNorm, core_attention=DotProductAttention)
+
+
+def npu_kernels() -> KernelSet:
+    """torch_npu's fused operators (``aquila_npu.kernels.npu``): RMSNorm, flash attention, SwiGLU."""
+    from aquila_npu.kernels.npu import NpuFlashAttention, NpuRMSNorm, NpuSwiGLU
+
+    return KernelSet(name="npu-fused", norm=NpuRMSNorm, core_attention=NpuFlashAttention, activation=NpuSwiGLU)
+

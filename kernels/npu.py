@@ -9,14 +9,17 @@ implements the signatures with reference math, since no NPU is available to this
 * ``npu_fusion_attention(q, k, v, head_num, "SBH", atten_mask=..., scale=..., pre_tockens=..., next_tockens=0,
   keep_prob=...)`` returns a tuple whose ``[0]`` is the output: layout ``SBH`` is ``[s, b, heads * d]`` for the
   query and ``[s, b, groups * d]`` for key and value (GQA native); ``head_num`` counts the query heads;
-  ``atten_mask`` is boolean with True = masked, ``[s, s]`` (or ``[b, 1, s, s]`` with padding); ``next_tockens=0``
-  makes it causal; ``keep_prob`` 1.0 is no dropout;
+  ``atten_mask`` is boolean with True = masked, ``[sq, sk]`` (or ``[b, 1, sq, sk]`` with padding); with
+  ``pre_tockens``/``next_tockens`` it bounds the keys a query sees (``next_tockens=0``: causal, as MindSpeed trains);
+  ``keep_prob`` 1.0 is no dropout;
 * ``npu_swiglu(x, dim=-1)``: ``silu`` of the first half times the second half along ``dim``.
 """
 
 from __future__ import annotations
 
 import torch
+
+from aquila_npu.kernels.reference import RMSNorm, causal_mask
 
 # pre_tockens: how many earlier tokens a query may attend to; "all of them" as MindSpeed passes it
 ALL_PREVIOUS_TOKENS = 65536
@@ -37,16 +40,59 @@ def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    s, b, heads, d = query.shape
-    mask = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)
-    if key_padding_mask is not None:
-        mask = mask[None, None] | key_padding_mask[:, None, None, :]
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    sq, b, heads, d = query.shape
+    sk = key.shape[0]
+    if mask is None and sq == sk:  # training: MindSpeed's call, causal through next_tockens=0
+        atten_mask, next_tokens = causal_mask(sq, sk, query.device), 0
+    else:  # a given mask (padding), or queries at the end of a KV cache: the mask alone decides
+        atten_mask = causal_mask(sq, sk, query.device) if mask is None else mask
+        next_tokens = ALL_PREVIOUS_TOKENS
     out = _torch_npu().npu_fusion_attention(
-        query.reshape(s, b, heads * d), key.reshape(s, b, -1), value.reshape(s, b, -1), heads, "SBH",
-        atten_mask=mask, scale=scale, pre_tockens=ALL_PREVIOUS_TOKENS, next_tockens=0, keep_prob=1.0)[0]
-    return out.reshape(s, b, heads, d)
+        query.reshape(sq, b, heads * d), key.reshape(sk, b, -1), value.reshape(sk, b, -1), heads, "SBH",
+        atten_mask=atten_mask, scale=scale, pre_tockens=ALL_PREVIOUS_TOKENS, next_tockens=next_tokens, keep_prob=1.0)[0]
+    return out.reshape(sq, b, heads, d)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:
     return _torch_npu().npu_swiglu(x, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------- layer-spec modules
+class NpuRMSNorm(RMSNorm):
+    """The reference ``RMSNorm`` module (its weight marked for sequence parallelism) computing with
+    ``npu_rms_norm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class NpuSwiGLU(torch.nn.Module):
+    """megatron-core's MLP activation module (``use_te_activation_func``): the whole gated activation."""
+
+    def __init__(self, config=None, **_unused) -> None:
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swiglu(x)
+
+
+class NpuFlashAttention(torch.nn.Module):
+    """megatron-core core attention (``DotProductAttention``'s constructor and forward) over
+    ``npu_fusion_attention``: ``[sq, b, heads, d]`` in, ``[sq, b, heads * d]`` out."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **_unused) -> None:
+        super().__init__()
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0.0:
+            raise ValueError("NpuFlashAttention: attention dropout is not supported (Aquila2 trains without)")
+        self.scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("NpuFlashAttention: attention bias and packed sequences are not supported")
+        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
+        out = attention(query, key, value, self.scale, mask)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+

@@ -49,22 +49,28 @@ def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return t * cos + rotate_half(t) * sin
 
 
+def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
+    """``[q_len, k_len]``, True where masked: each query sees the keys up to its own position, the queries being the
+    last ``q_len`` positions of the ``k_len`` (decoding with a KV cache: one query sees every key)."""
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1 + k_len - q_len)
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-              key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention, layout sbhd: ``query`` ``[s, b, heads, d]``, ``key``/``value`` ``[s, b, groups, d]`` (GQA:
-    ``heads`` a multiple of ``groups``); ``key_padding_mask`` ``[b, s]``, True where a key is padding. Returns
-    ``[s, b, heads, d]``. Softmax in fp32."""
-    s, b, heads, d = query.shape
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention, layout sbhd: ``query`` ``[sq, b, heads, d]``, ``key``/``value`` ``[sk, b, groups, d]`` (GQA:
+    ``heads`` a multiple of ``groups``). ``mask``: boolean, True where masked, broadcasting to ``[b, heads, sq, sk]``
+    (``[b, 1, sq, sk]``: padding); None means causal (``causal_mask``). Returns ``[sq, b, heads, d]``; softmax in
+    fp32; a fully masked query gives zeros."""
+    sq, b, heads, d = query.shape
     groups = key.shape[2]
     if groups != heads:
         key = key.repeat_interleave(heads // groups, dim=2)
         value = value.repeat_interleave(heads // groups, dim=2)
     q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, d]
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    masked = torch.ones(s, s, dtype=torch.bool, device=query.device).triu(1)[None, None]
-    if key_padding_mask is not None:
-        masked = masked | key_padding_mask[:, None, None, :]
-    probs = scores.masked_fill(masked, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    if mask is None:
+        mask = causal_mask(sq, key.shape[0], query.device)
+    probs = scores.masked_fill(mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     return torch.matmul(probs.to(value.dtype), v).permute(2, 0, 1, 3)
 
 

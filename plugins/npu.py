@@ -2,8 +2,8 @@
 
 ``torch_npu.contrib.transfer_to_npu`` maps ``torch.cuda.*``, ``.cuda()``, ``device="cuda"`` and the ``nccl``
 backend onto the NPU, which is how MindSpeed runs unmodified Megatron code on Ascend. The fused kernels
-(``npu_rms_norm``, ``npu_fusion_attention``, ``npu_rotary_mul``, ``npu_swiglu``) are supplied through the kernel
-seams by a later version of this plugin; until then the NPU runs the reference kernels.
+(``npu_rms_norm``, ``npu_fusion_attention``, ``npu_swiglu``; ``aquila_npu.kernels.npu``) go into the layer spec
+through the kernel seams; ``npu_rotary_mul`` is implemented there too but not wired yet (megatron-core's rotary runs).
 """
 
 from __future__ import annotations
@@ -70,3 +70,13 @@ def aquila_npu_megatron_defaults(device):
     return {"--distributed-backend": "nccl", "--transformer-impl": "local", "--no-persist-layer-norm": None,
             "--no-gradient-accumulation-fusion": None, "--no-masked-softmax-fusion": None,
             "--no-rope-fusion": None}
+
+
+@hookimpl
+def aquila_npu_kernels(device):
+    if device != DEVICE:
+        return None
+    from aquila_npu.kernels import npu_kernels
+
+    return npu_kernels()
+

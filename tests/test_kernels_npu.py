@@ -71,9 +71,10 @@ def test_attention(dtype, heads, groups, padded):
     s, b, d = 9, 3, 16
     q, k, v = torch.randn(s, b, heads, d), torch.randn(s, b, groups, d), torch.randn(s, b, groups, d)
     mask = None
-    if padded:  # right padding: the last keys of rows 1 and 2 are padding
-        mask = torch.zeros(b, s, dtype=torch.bool)
-        mask[1, -2:], mask[2, -4:] = True, True
+    if padded:  # left padding, as generation batches it: rows 1 and 2 start with 2 and 4 padding keys
+        from aquila_npu.generate.batching import padding_mask
+
+        mask = padding_mask([0, 2, 4], s, "cpu")
     scale = d ** -0.5
     _check(lambda q, k, v: npu.attention(q, k, v, scale, mask), lambda q, k, v: reference.attention(q, k, v, scale, mask),
            [q, k, v], dtype, "npu_fusion_attention")
@@ -108,3 +109,42 @@ def test_the_stand_in_rejects_what_an_npu_would():
         stand_in_torch_npu.npu_fusion_attention(q, q, q, 2, "BSH", atten_mask=torch.zeros(4, 4, dtype=torch.bool))
     with pytest.raises(AssertionError, match="even"):
         stand_in_torch_npu.npu_swiglu(torch.randn(3, 5))
+
+
+def test_decoding_with_a_kv_cache_sees_every_cached_key():
+    """One query at the end of 6 cached keys (sq != sk): the NPU call passes an explicit mask, no causal window."""
+    from aquila_npu.kernels import npu, reference
+
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)
+    torch.testing.assert_close(npu.attention(q, k, v, 0.3), reference.attention(q, k, v, 0.3))
+
+
+def test_aquila2_tiny_through_the_npu_plugin_matches_the_reference(megatron_world, tiny_spec):
+    """The npu plugin's kernel set in a whole aquila2-tiny (GQA): logits and every weight gradient equal those of the
+    reference kernels for the same weights (on this CPU, with the stand-in torch_npu)."""
+    from aquila_npu import plugin_manager
+    from aquila_npu.model import build_gpt_model
+
+    npu_set = plugin_manager.get().kernels("npu")
+    assert npu_set.name == "npu-fused"
+    models = []
+    for kernels in (plugin_manager.get().kernels("cpu"), npu_set):
+        torch.manual_seed(0)
+        model = build_gpt_model(tiny_spec, kernels=kernels, parallel_output=False, params_dtype=torch.float32)
+        models.append(model)
+    models[1].load_state_dict(models[0].state_dict())
+    tokens = torch.randint(0, tiny_spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(16)[None].expand(2, 16)
+    stand_in_torch_npu.calls.clear()
+    outputs = [model(tokens, positions, None) for model in models]
+    used = set(stand_in_torch_npu.calls)
+    assert used == {"npu_rms_norm", "npu_fusion_attention", "npu_swiglu"}
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    for output in outputs:
+        output.float().logsumexp(-1).sum().backward()
+    grads = [{n: p.grad for n, p in model.named_parameters()} for model in models]
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
