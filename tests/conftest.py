@@ -35,6 +35,15 @@ def run_python(*args: str, env: dict | None = None, cwd: str | Path | None = Non
     return result
 
 
+def convert_to_megatron(hf_dir: Path, target: Path, tensor_parallel: int = 1) -> Path:
+    """``hf_dir`` converted to a per-rank torch Megatron checkpoint at ``target``."""
+    from aquila_npu.convert import ConvertOptions, convert
+
+    convert(ConvertOptions(load_dir=str(hf_dir), save_dir=str(target), target_tensor_parallel_size=tensor_parallel,
+                           progress=False))
+    return target
+
+
 def make_hf_checkpoint(spec, path: Path, seed: int = 0) -> Path:
     from aquila_npu import parity
 

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import BUNDLED_DATA, SHARED_DATA, run_python
+from conftest import BUNDLED_DATA, SHARED_DATA, convert_to_megatron, make_hf_checkpoint, run_python
 
 LIMIT = 200
 TOLERANCE = 1e-4
@@ -29,18 +29,12 @@ def boolq_file():
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tiny_spec):
-    from conftest import make_hf_checkpoint
-
     return make_hf_checkpoint(tiny_spec, tmp_path_factory.mktemp("eval-hf") / "model", seed=5)
 
 
 @pytest.fixture(scope="module")
 def mg_dir(hf_dir, tmp_path_factory):
-    from aquila_npu.convert import ConvertOptions, convert
-
-    target = tmp_path_factory.mktemp("eval-mg") / "tp2"
-    convert(ConvertOptions(load_dir=str(hf_dir), save_dir=str(target), target_tensor_parallel_size=2, progress=False))
-    return target
+    return convert_to_megatron(hf_dir, tmp_path_factory.mktemp("eval-mg") / "tp2", tensor_parallel=2)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from conftest import run_python
+from conftest import convert_to_megatron, make_hf_checkpoint, run_python
 
 PROMPTS = [
     "Aquila2 is a family of bilingual language models trained by",
@@ -27,18 +27,12 @@ BOS, EOS = 100006, 100007
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, tiny_spec):
-    from conftest import make_hf_checkpoint
-
     return make_hf_checkpoint(tiny_spec, tmp_path_factory.mktemp("gen-hf") / "model", seed=3)
 
 
 @pytest.fixture(scope="module")
 def mg_tp2_dir(hf_dir, tmp_path_factory):
-    from aquila_npu.convert import ConvertOptions, convert
-
-    target = tmp_path_factory.mktemp("gen-mg") / "tp2"
-    convert(ConvertOptions(load_dir=str(hf_dir), save_dir=str(target), target_tensor_parallel_size=2, progress=False))
-    return target
+    return convert_to_megatron(hf_dir, tmp_path_factory.mktemp("gen-mg") / "tp2", tensor_parallel=2)
 
 
 @pytest.fixture(scope="module")
@@ -291,8 +285,6 @@ def test_cli_bad_input_is_one_line(case, hf_dir, tokenizer_dir, tmp_path, tiny_s
     elif case == "tp not a divisor":
         args += ["--tensor-model-parallel-size", "3"]
     elif case == "vocabulary too small":
-        from conftest import make_hf_checkpoint
-
         args[1] = str(make_hf_checkpoint(tiny_spec.replace(vocab_size=1000), tmp_path / "small"))
     elif case == "bad prompt file":
         bad = tmp_path / "p.jsonl"
