@@ -128,13 +128,13 @@ class PatchRegistry:
                     patch._original, patch._holder = _MISSING, None
                 patch.state = "reverted" if patch.state in ("applied", "pending") else patch.state
 
-    def _module_imported(self) -> None:
+    def _module_imported(self, loaded: str | None = None) -> None:
         with self._lock:
             for patch in self._patches:
                 if patch.state == "pending":
-                    self._try_apply(patch)
+                    self._try_apply(patch, loaded)
 
-    def _try_apply(self, patch: Patch) -> None:
+    def _try_apply(self, patch: Patch, loaded: str | None = None) -> None:
         if patch.kind == "module":
             if patch.target in sys.modules:
                 patch.state = "skipped"  # the real module imported fine: no stand-in needed
@@ -148,6 +148,9 @@ class PatchRegistry:
             patch.state = "applied"
             return
         holder_path, attribute = patch.target.rsplit(".", 1)
+        module = _imported_module_of(holder_path)
+        if module is not None and module != loaded and _initializing(sys.modules[module]):
+            return  # reached from a nested import while its module is still executing: apply once it has run
         holder = _resolve_imported(holder_path)
         if holder is None:
             return  # its module is not imported yet: the post-import hook comes back to it
@@ -165,6 +168,20 @@ class PatchRegistry:
         patch._original = _INHERITED if inherited else raw if descriptor else original
         setattr(holder, attribute, descriptor(replacement) if descriptor else replacement)
         patch.state = "applied"
+
+
+def _imported_module_of(path: str) -> str | None:
+    """The longest prefix of ``path`` that is an imported module."""
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in sys.modules:
+            return ".".join(parts[:end])
+    return None
+
+
+def _initializing(module) -> bool:
+    """Is ``module`` still executing its own import (importlib marks its spec while it runs)?"""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
 
 
 def _resolve_imported(path: str):
@@ -219,7 +236,7 @@ class _LoaderThenPatch(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        self._registry._module_imported()
+        self._registry._module_imported(module.__name__)
 
     def __getattr__(self, name):
         return getattr(self._loader, name)

@@ -71,6 +71,29 @@ def test_a_module_imported_later_is_patched_right_after_its_import(fresh_package
     assert not any(type(f).__name__ == "_PostImportHook" for f in sys.meta_path)
 
 
+def test_a_module_importing_another_target_midway_is_patched_when_it_has_run(fresh_package, tmp_path):
+    """`outer` imports `inner` (also patched) before it defines its own target: when `inner` finishes, `outer` is
+    in sys.modules but still executing, and its patch must wait for it (Megatron-LM's training.py imports the
+    inference controller this way)."""
+    package = tmp_path / fresh_package
+    (package / "inner.py").write_text("def value():\n    return 1\n")
+    (package / "outer.py").write_text(textwrap.dedent("""
+        from patchme_pkg import inner
+
+        def value():
+            return 10 + inner.value()
+    """))
+    registry = PatchRegistry()
+    registry.register(f"{fresh_package}.outer.value", lambda orig: lambda: orig() * 2, reason="test")
+    registry.register(f"{fresh_package}.inner.value", lambda orig: lambda: orig() + 100, reason="test")
+    registry.apply()
+    from patchme_pkg import outer  # noqa: PLC0415
+
+    assert outer.value() == 2 * (10 + 101)
+    assert [row["state"] for row in registry.rows()] == ["applied", "applied"]
+    registry.revert()
+
+
 def test_static_and_class_methods_stay_what_they_were(fresh_package):
     mod = importlib.import_module(f"{fresh_package}.mod")
     registry = PatchRegistry()
