@@ -5,6 +5,7 @@ Subcommands:
   preprocess  parquet / JSON records -> Megatron indexed datasets (``python -m aquila_npu.preprocess``)
   pretrain    pretrain / fine-tune on megatron-core (``torchrun ... -m aquila_npu.pretrain``)
   generate    text generation and chat on megatron-core's inference engine (``python -m aquila_npu.generate``)
+  evaluate    BoolQ / MMLU / C-Eval accuracy, as lm-evaluation-harness computes it (``python -m aquila_npu.evaluate``)
   plugins     installed plugins, their hooks, model specs and devices (``--model NAME``: one spec in detail;
               ``--patches``: the patches a device registers)
   quickstart  the seed workflow end to end on a tiny model, on whatever device this machine has
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("preprocess", help="tokenise records into Megatron indexed datasets (see preprocess --help)")
     sub.add_parser("pretrain", help="pretrain or fine-tune on megatron-core (see pretrain --help)")
     sub.add_parser("generate", help="generate text or chat from a checkpoint (see generate --help)")
+    sub.add_parser("evaluate", help="multiple-choice accuracy of a checkpoint (see evaluate --help)")
     p = sub.add_parser("plugins", help="list plugins, model specs, devices and patches")
     p.add_argument("--plugin", action="append", default=[], help="only this plugin (repeatable)")
     p.add_argument("--model", help="show one model spec and its Megatron-LM flags")
@@ -129,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # verbs with a command line of their own: `aquila-npu VERB ...` is `python -m aquila_npu.VERB ...`
 VERBS = {"convert": "aquila_npu.convert.__main__", "preprocess": "aquila_npu.preprocess.__main__",
-         "pretrain": "aquila_npu.training.loop", "generate": "aquila_npu.generate.__main__"}
+         "pretrain": "aquila_npu.training.loop", "generate": "aquila_npu.generate.__main__",
+         "evaluate": "aquila_npu.evaluate.__main__"}
 
 
 def main(argv=None) -> int:

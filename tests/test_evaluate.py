@@ -257,6 +257,14 @@ def test_cli_tp2_gives_the_tp1_scores(mg_dir, tokenizer_dir, boolq_file, boolq_r
             assert ours["scores"][choice] == pytest.approx(tp1["scores"][choice], abs=1e-5)
 
 
+def test_aquila_npu_evaluate_is_the_same_command(tokenizer_dir, boolq_file):
+    """``aquila-npu evaluate`` (the console script's verb) runs ``python -m aquila_npu.evaluate``."""
+    result = run_python("-m", "aquila_npu", "evaluate", "boolq", "--load", "/nowhere", "--tokenizer-name-or-path",
+                        str(tokenizer_dir), "--task-data-path", str(boolq_file))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "aquila-npu evaluate: error: --load /nowhere: no such checkpoint folder"
+
+
 @pytest.mark.parametrize("args, message", [
     (["boolq", "--task-data-path", "/nowhere/dev.jsonl"], "--task-data-path /nowhere/dev.jsonl: no such file"),
     (["boolq", "--load", "/nowhere"], "no such checkpoint folder"),
