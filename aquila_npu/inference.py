@@ -79,12 +79,12 @@ def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
 
 
 def family_of(spec, plugins):
-    """The model family that declares ``spec`` (or derived it from a config), if any."""
-    for family in plugins.families().values():
-        if spec.name in family.spec_names() or spec.name == f"{family.name}-custom":
-            return family
-    families = list(plugins.families().values())
-    return families[0] if len(families) == 1 else None
+    """The model family that declares ``spec``; for a spec read from a checkpoint's saved arguments, the only
+    installed family when there is just one."""
+    family = plugins.family_declaring(spec)
+    if family is None and len(plugins.families()) == 1:
+        family = next(iter(plugins.families().values()))
+    return family
 
 
 def add_model_arguments(parser) -> None:

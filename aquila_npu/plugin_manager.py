@@ -66,6 +66,13 @@ class Plugins:
         known = ", ".join(self.model_names(plugin_names)) or "none (install a model-family plugin)"
         raise AquilaNpuError(f"unknown model {name!r}; known models: {known}")
 
+    def family_declaring(self, spec: ModelSpec) -> ModelFamily | None:
+        """The family that declares ``spec`` by name, or derived it from a Hugging Face config (``<family>-custom``)."""
+        for family in self.families().values():
+            if spec.name in family.spec_names() or spec.name == f"{family.name}-custom":
+                return family
+        return None
+
     def family_for_hf_config(self, hf_config: dict) -> ModelFamily:
         for family in self.families().values():
             if family.recognises(hf_config):

@@ -74,10 +74,8 @@ def _open_source(options: ConvertOptions, plugins):
 
 
 def _family_tokenizer(spec, plugins):
-    for family in plugins.families().values():
-        if spec.name in family.spec_names() or spec.name == f"{family.name}-custom":
-            return family.tokenizer
-    return None
+    family = plugins.family_declaring(spec)
+    return family.tokenizer if family else None
 
 
 def convert(options: ConvertOptions) -> ConvertResult:
