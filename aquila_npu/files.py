@@ -1,8 +1,9 @@
-"""Writing a result file so that it is either complete or absent: never half-written."""
+"""Files the commands read and write: JSON lines read strictly, result files written whole or not at all."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -21,3 +22,29 @@ def atomic_text_file(path: str):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def read_json_lines(path: str, label: str | None = None):
+    """``(line number, object)`` for each non-blank line of a JSON-lines file; anything else — a line that is not
+    JSON, not an object, or bytes that are not UTF-8 — is one ``AquilaNpuError`` naming ``label`` (default: the
+    path) and the line."""
+    from aquila_npu.errors import AquilaNpuError
+
+    label = label or path
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise AquilaNpuError(f"{label}, line {number}: invalid JSON ({exc.msg}); write one JSON object "
+                                         f"per line") from None
+                if not isinstance(record, dict):
+                    raise AquilaNpuError(f"{label}, line {number}: expected a JSON object")
+                yield number, record
+    except UnicodeDecodeError as exc:
+        raise AquilaNpuError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise AquilaNpuError(f"{label}: cannot read it ({type(exc).__name__}: {exc})") from None

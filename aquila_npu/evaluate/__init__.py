@@ -124,10 +124,11 @@ class _Progress:
             self.bar.close()
 
 
-def evaluate(options: EvaluateOptions, evaluator: Evaluator | None = None) -> dict:
+def evaluate(options: EvaluateOptions, evaluator: Evaluator | None = None, prepared=None) -> dict:
     """The task's result: ``{"task", "scoring", "num_fewshot", "accuracy", "stderr", "n", "examples_per_second",
-    "subjects" (per subject, where the task has them), "examples": [{"index", "label", "prediction", "scores"}]}``."""
-    task, examples = build_examples(options)
+    "subjects" (per subject, where the task has them), "examples": [{"index", "label", "prediction", "scores"}]}``.
+    ``prepared``: what ``build_examples(options)`` returned, when the caller has read the data already."""
+    task, examples = prepared or build_examples(options)
     evaluator = evaluator or Evaluator(options)
     scored = evaluator.score(examples, options.scoring, options.micro_batch_size, options.progress)
     results = scored["examples"]

@@ -75,8 +75,8 @@ def _run(args) -> None:
     options = EvaluateOptions(**model_options_from_args(args), task=task, task_data_path=args.task_data_path,
                               limit=args.limit, micro_batch_size=args.micro_batch_size,
                               num_fewshot=args.num_fewshot, scoring=args.scoring, progress=not args.no_progress)
-    build_examples(options)  # bad data fails before the model loads
-    result = evaluate(options)
+    prepared = build_examples(options)  # read before the model loads: bad data fails fast
+    result = evaluate(options, prepared=prepared)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

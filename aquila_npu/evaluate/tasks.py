@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import os
 from dataclasses import dataclass, field
 
 from aquila_npu.errors import AquilaNpuError
+from aquila_npu.files import read_json_lines
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -75,30 +75,6 @@ class Example:
     first_token_choices: tuple[str, ...] = field(default_factory=tuple)  # ModelLink's first-token scoring
 
 
-def _open_error(path: str, exc: Exception) -> AquilaNpuError:
-    return AquilaNpuError(f"--task-data-path {path}: cannot read it ({type(exc).__name__}: {exc})")
-
-
-def _jsonl(path: str):
-    """(line number, object) for each non-blank line; a one-line error naming the file and line otherwise."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise AquilaNpuError(f"{path}, line {number}: invalid JSON ({exc.msg})") from None
-                if not isinstance(record, dict):
-                    raise AquilaNpuError(f"{path}, line {number}: expected a JSON object")
-                yield number, record
-    except UnicodeDecodeError as exc:
-        raise AquilaNpuError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except OSError as exc:
-        raise _open_error(path, exc) from None
-
-
 def _field(record: dict, name: str, kind, where: str):
     if name not in record:
         raise AquilaNpuError(f"{where}: no {name!r} field")
@@ -122,15 +98,16 @@ def _files(path: str, patterns: tuple[str, ...], task: str) -> list[str]:
 class Task:
     name = ""
     description_template = ""
-    continuations: tuple[str, ...] = ()
     choice_names: tuple[str, ...] = ()
     first_token_choices: tuple[str, ...] = ()
 
-    def read(self, path: str) -> list[Doc]:
+    def read(self, path: str, suffix: str | None = None) -> list[Doc]:
+        """The questions in ``path`` (a file, or a folder of the task's files; ``suffix`` picks a split's files
+        where the task names them ``{subject}{suffix}.csv``)."""
         raise NotImplementedError
 
     def fewshot_docs(self, path: str) -> list[Doc]:
-        """The few-shot pool beside ``path`` (its own files when it is one file)."""
+        """The few-shot pool beside ``path``."""
         return self.read(path)
 
     def description(self, subject: str) -> str:
@@ -158,10 +135,10 @@ class BoolQ(Task):
     # ModelLink's BoolQ: the probabilities of the first tokens of "No" and "Yes" after the prompt
     first_token_choices = ("No", "Yes")
 
-    def read(self, path: str) -> list[Doc]:
+    def read(self, path: str, suffix: str | None = None) -> list[Doc]:
         docs = []
         for file in _files(path, ("*.jsonl", "*.json"), self.name):
-            for number, record in _jsonl(file):
+            for number, record in read_json_lines(file):
                 where = f"{file}, line {number}"
                 question = _field(record, "question", str, where)
                 passage = _field(record, "passage", str, where)
@@ -197,11 +174,13 @@ class _LetterChoice(Task):
         if not shots:
             raise AquilaNpuError(f"--num-fewshot needs the task's few-shot files (*{self.fewshot_suffix}.csv) "
                                  f"beside {path} or in a folder next to it")
-        saved, self.split_suffix = self.split_suffix, self.fewshot_suffix
-        try:
-            return [doc for file in shots for doc in self.read(file)]
-        finally:
-            self.split_suffix = saved
+        return [doc for file in shots for doc in self.read(file, self.fewshot_suffix)]
+
+    @staticmethod
+    def _subject(file: str, suffix: str) -> str:
+        """``abstract_algebra`` of ``abstract_algebra_test.csv`` (the file's stem when it lacks the suffix)."""
+        name = os.path.basename(file)
+        return name[:-len(f"{suffix}.csv")] if name.endswith(f"{suffix}.csv") else os.path.splitext(name)[0]
 
     def _csv_rows(self, file: str):
         try:
@@ -210,7 +189,7 @@ class _LetterChoice(Task):
         except UnicodeDecodeError as exc:
             raise AquilaNpuError(f"{file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except (OSError, csv.Error) as exc:
-            raise _open_error(file, exc) from None
+            raise AquilaNpuError(f"{file}: cannot read it ({type(exc).__name__}: {exc})") from None
         return [(number, row) for number, row in enumerate(rows, 1) if row]
 
 
@@ -222,24 +201,25 @@ class MMLU(_LetterChoice):
     def description(self, subject: str) -> str:
         return self.description_template.format(subject=subject.replace("_", " "))
 
-    def read(self, path: str) -> list[Doc]:
+    def read(self, path: str, suffix: str | None = None) -> list[Doc]:
+        suffix = suffix or self.split_suffix
         docs = []
-        for file in _files(path, (f"*{self.split_suffix}.csv", "*.jsonl"), self.name):
+        for file in _files(path, (f"*{suffix}.csv", "*.jsonl"), self.name):
             if file.endswith(".jsonl"):
-                for number, record in _jsonl(file):
+                for number, record in read_json_lines(file):
                     where = f"{file}, line {number}"
                     docs.append(self._doc(_field(record, "question", str, where),
                                           _field(record, "choices", list, where), record.get("answer"),
                                           _field(record, "subject", str, where), where, "\nAnswer:"))
                 continue
-            subject = os.path.basename(file)[:-len(f"{self.split_suffix}.csv")] if file.endswith(
-                f"{self.split_suffix}.csv") else os.path.splitext(os.path.basename(file))[0]
+            subject = self._subject(file, suffix)
             for number, row in self._csv_rows(file):
                 where = f"{file}, line {number}"
                 if len(row) != 6:
                     raise AquilaNpuError(f"{where}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}")
                 docs.append(self._doc(row[0], row[1:5], row[5], subject, where, "\nAnswer:"))
         return docs
+
 
 class CEval(_LetterChoice):
     name = "ceval"
@@ -249,12 +229,11 @@ class CEval(_LetterChoice):
     def description(self, subject: str) -> str:
         return self.description_template.format(subject=CEVAL_SUBJECTS.get(subject, subject))
 
-    def read(self, path: str) -> list[Doc]:
+    def read(self, path: str, suffix: str | None = None) -> list[Doc]:
+        suffix = suffix or self.split_suffix
         docs = []
-        for file in _files(path, (f"*{self.split_suffix}.csv",), self.name):
-            name = os.path.basename(file)
-            subject = name[:-len(f"{self.split_suffix}.csv")] if name.endswith(f"{self.split_suffix}.csv") \
-                else os.path.splitext(name)[0]
+        for file in _files(path, (f"*{suffix}.csv",), self.name):
+            subject = self._subject(file, suffix)
             rows = self._csv_rows(file)
             if not rows:
                 continue
@@ -271,7 +250,6 @@ class CEval(_LetterChoice):
                 docs.append(self._doc(row[col["question"]], [row[col[c]] for c in LETTERS], row[col["answer"]],
                                       subject, where, "\n答案："))
         return docs
-
 
 
 TASKS = {task.name: task for task in (BoolQ(), MMLU(), CEval())}

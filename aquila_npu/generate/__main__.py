@@ -84,33 +84,28 @@ def read_prompt_file(path: str, chat: bool) -> list:
     """Prompts (strings) or, with ``chat``, conversations (message lists) from a text or JSONL file."""
     if not os.path.isfile(path):
         raise AquilaNpuError(f"--prompt-file {path}: no such file")
-    items = []
-    jsonl = path.endswith((".jsonl", ".json"))
-    try:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if not jsonl and not chat:
-                    items.append(line.rstrip("\n"))
-                    continue
-                where = f"--prompt-file {path}, line {number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise AquilaNpuError(f"{where}: invalid JSON ({exc.msg}); write one JSON object per line") from None
-                key = "messages" if chat else "prompt"
-                if not isinstance(record, dict) or key not in record:
-                    raise AquilaNpuError(f"{where}: expected an object with a {key!r} field")
-                value = record[key]
-                valid = (isinstance(value, list) and all(isinstance(m, dict) for m in value)) if chat \
-                    else isinstance(value, str)
-                if not valid:
-                    raise AquilaNpuError(f"{where}: {key!r} must be " + ("a list of {\"role\", \"content\"} objects"
-                                                                         if chat else "a string"))
-                items.append(value)
-    except UnicodeDecodeError as exc:
-        raise AquilaNpuError(f"--prompt-file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if not (chat or path.endswith((".jsonl", ".json"))):
+        try:
+            with open(path, encoding="utf-8") as f:
+                items = [line.rstrip("\n") for line in f if line.strip()]
+        except UnicodeDecodeError as exc:
+            raise AquilaNpuError(f"--prompt-file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    else:
+        from aquila_npu.files import read_json_lines
+
+        key = "messages" if chat else "prompt"
+        items = []
+        for number, record in read_json_lines(path, f"--prompt-file {path}"):
+            where = f"--prompt-file {path}, line {number}"
+            if key not in record:
+                raise AquilaNpuError(f"{where}: expected an object with a {key!r} field")
+            value = record[key]
+            valid = (isinstance(value, list) and all(isinstance(m, dict) for m in value)) if chat \
+                else isinstance(value, str)
+            if not valid:
+                raise AquilaNpuError(f"{where}: {key!r} must be " + ("a list of {\"role\", \"content\"} objects"
+                                                                     if chat else "a string"))
+            items.append(value)
     if not items:
         raise AquilaNpuError(f"--prompt-file {path}: no prompts in it")
     return items
@@ -194,15 +189,15 @@ def run_prompts(generator, args, prompts: list[str]) -> list[dict]:
     return [{"prompt": c.prompt, "text": c.text, "tokens": c.tokens} for c in completions]
 
 
-def run_conversations(generator, args, conversations: list[list[dict]]) -> list[dict]:
-    """Each conversation's next assistant turn, generated as one batch."""
+def run_conversations(generator, args, conversations: list[list[dict]], stream: bool) -> list[dict]:
+    """Each conversation's next assistant turn, generated as one batch (``stream``: a single one streams)."""
     from aquila_npu.generate import GenerationStats
 
     template = generator.chat_template(args.chat_template)
     sampling, stats = _sampling(args), GenerationStats()
     sampling.stop = tuple(sampling.stop) + template.stop
     rendered = [template.render(_with_system(messages, args.system)) for messages in conversations]
-    printer = _Printer(generator, len(rendered), sampling.max_new_tokens, not args.no_stream, sampling.stop, True)
+    printer = _Printer(generator, len(rendered), sampling.max_new_tokens, stream, sampling.stop, True)
     try:
         completions = generator.generate(rendered, sampling, on_token=printer, add_bos=template.add_bos, stats=stats)
     finally:
@@ -248,13 +243,8 @@ def interactive_chat(generator, args) -> None:
         history.append({"role": "user", "content": line})
         if _rank() == 0:
             print("Assistant: ", end="", flush=True)
-        record = run_conversations(generator, _single_turn(args), [history])[0]
+        record = run_conversations(generator, args, [history], stream=True)[0]
         history.append({"role": "assistant", "content": record["text"]})
-
-
-def _single_turn(args):
-    # one conversation at a time always streams
-    return argparse.Namespace(**{**vars(args), "no_stream": False})
 
 
 def main(argv=None) -> int:
@@ -286,7 +276,7 @@ def _run(args) -> None:
             raise AquilaNpuError("no prompts: give --prompt, --prompt-file, or prompts on stdin (one per line)")
     if args.chat:
         conversations = [m if isinstance(m, list) else [{"role": "user", "content": m}] for m in items]
-        records = run_conversations(generator, args, conversations)
+        records = run_conversations(generator, args, conversations, stream=not args.no_stream)
     else:
         records = run_prompts(generator, args, items)
     if args.output and _rank() == 0:
