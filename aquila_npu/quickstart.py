@@ -49,6 +49,13 @@ def _alpaca_parquet(option: str | None) -> str:
     raise AquilaNpuError(f"no Alpaca parquet at {' or '.join(candidates)}; pass --alpaca FILE")
 
 
+def _python(processes: int = 1) -> list[str]:
+    """This interpreter, under torchrun (standalone, one node) when the step runs ``processes`` > 1 processes."""
+    if processes > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return [sys.executable]
+
+
 def _run_step(command: list[str], what: str, threads: int) -> str:
     """A stage's subprocess; its output, or an error with the last lines of it."""
     result = subprocess.run(command, capture_output=True, text=True,
@@ -123,8 +130,7 @@ def _generate_stage(work: Path, mg_dir: str, hf_dir: str, tokenizer_dir: str, tp
     command = ["-m", "aquila_npu.generate", "--load", mg_dir, "--tokenizer-name-or-path", tokenizer_dir,
                "--tensor-model-parallel-size", str(tp), "--prompt-file", str(prompts), "--greedy",
                "--max-new-tokens", str(new_tokens), "--output", str(out)] + (["--device", device] if device else [])
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}"] if tp > 1 else []
-    output = _run_step([sys.executable, *launcher, *command], "generate", threads=1)
+    output = _run_step(_python(tp) + command, "generate", threads=1)
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     tokenizer = InferenceTokenizer(tokenizer_dir, family.tokenizer)
     ids = [[tokenizer.bos] * tokenizer.add_bos + tokenizer.tokenize(p) for p in GENERATE_PROMPTS]
@@ -171,8 +177,7 @@ def _boolq_stage(work: Path, mg_dir: str, hf_dir: str, tokenizer_dir: str, tp: i
     command = ["-m", "aquila_npu.evaluate", "boolq", "--load", mg_dir, "--tokenizer-name-or-path", tokenizer_dir,
                "--tensor-model-parallel-size", str(tp), "--task-data-path", data, "--limit", str(BOOLQ_EXAMPLES),
                "--output", str(out), "--no-progress"] + (["--device", device] if device else [])
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}"] if tp > 1 else []
-    _run_step([sys.executable, *launcher, *command], "evaluate", threads=1)
+    _run_step(_python(tp) + command, "evaluate", threads=1)
     result = json.loads(out.read_text(encoding="utf-8"))
     with open(data, encoding="utf-8") as f:
         docs = [json.loads(line) for line, _ in zip(f, range(BOOLQ_EXAMPLES))]
@@ -206,13 +211,10 @@ def _megatron_logits(model_dir: str, tokens_file: str, out: str, tp: int, device
                      source: str = "--hf-dir"):
     from safetensors.torch import load_file
 
-    command = [sys.executable, "-m", "aquila_npu.parity", source, model_dir, "--tokens", tokens_file, "--out", out]
+    command = ["-m", "aquila_npu.parity", source, model_dir, "--tokens", tokens_file, "--out", out]
     if device:
         command += ["--device", device]
-    if tp > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp}",
-                   *command[1:]]
-    _run_step(command, f"megatron-core at TP={tp}", threads=1)
+    _run_step(_python(tp) + command, f"megatron-core at TP={tp}", threads=1)
     return load_file(out)["logits"]
 
 

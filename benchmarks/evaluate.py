@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from sample_data import REPO, sample
+
 SIZES = {"small": dict(name="aquila2-small", num_layers=8, hidden_size=1024, ffn_hidden_size=2816,
                        num_attention_heads=8, num_query_groups=8, seq_length=1024, max_position_embeddings=1024)}
 TASK_YAML = """task: boolq_local
@@ -36,14 +37,6 @@ doc_to_choice: ["no", "yes"]
 metric_list:
   - metric: acc
 """
-
-
-def boolq_file() -> Path:
-    for path in (REPO.parent / "shared" / "data" / "boolq" / "dev.jsonl", REPO / "examples" / "data" / "boolq" /
-                 "dev_300.jsonl"):
-        if path.is_file():
-            return path
-    sys.exit("no BoolQ dev file")
 
 
 def main() -> None:
@@ -65,11 +58,10 @@ def main() -> None:
     from aquila_npu.evaluate import EvaluateOptions, Evaluator, evaluate
     from aquila_npu.inference import ModelOptions
 
-    tokenizer = next(str(d / "aquila2_tokenizer") for d in (REPO.parent / "shared" / "data", REPO / "examples" / "data")
-                     if (d / "aquila2_tokenizer").is_dir())
+    tokenizer = str(sample("aquila2_tokenizer"))
     work = Path(tempfile.mkdtemp(prefix="evaluate-bench-"))
     data = work / "boolq.jsonl"
-    data.write_text("\n".join(boolq_file().read_text(encoding="utf-8").splitlines()[:args.limit]) + "\n", "utf-8")
+    data.write_text("\n".join(sample("boolq/dev.jsonl", "boolq/dev_300.jsonl").read_text(encoding="utf-8").splitlines()[:args.limit]) + "\n", "utf-8")
     (work / "boolq_local.yaml").write_text(TASK_YAML.format(data=data))
     tasks = TaskManager(include_path=str(work))
     tiny = plugin_manager.get().find_model("aquila2-tiny")[1]

@@ -18,11 +18,11 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from sample_data import REPO, sample
+
 # Aquila2-shaped models (Aquila2's head size 128 and vocabulary) beside aquila2-tiny: "small" (~0.3B), where
 # matmuls rather than Python decide the speed on a few CPU cores, and "medium" (~1.2B) for accelerators
 SIZES = {
@@ -36,9 +36,7 @@ SIZES = {
 def prompts(count: int) -> list[str]:
     import pyarrow.parquet as pq
 
-    data = [REPO.parent / "shared" / "data", REPO / "examples" / "data"]
-    path = next(p for d in data for p in (d / "alpaca" / "alpaca_5000.parquet", d / "alpaca" / "alpaca_300.parquet")
-                if p.is_file())
+    path = sample("alpaca/alpaca_5000.parquet", "alpaca/alpaca_300.parquet")
     return pq.read_table(path, columns=["instruction"]).column("instruction").to_pylist()[:count]
 
 
@@ -104,8 +102,7 @@ def main() -> None:
     from aquila_npu import parity, plugin_manager
     from aquila_npu.generate import GenerateOptions, TextGenerator
 
-    tokenizer_dir = next(str(d / "aquila2_tokenizer") for d in (REPO.parent / "shared" / "data", REPO / "examples" /
-                                                                 "data") if (d / "aquila2_tokenizer").is_dir())
+    tokenizer_dir = str(sample("aquila2_tokenizer"))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     family, tiny = plugin_manager.get().find_model("aquila2-tiny")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]

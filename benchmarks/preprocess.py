@@ -30,8 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DATA = [REPO.parent / "shared" / "data", REPO / "examples" / "data"]
+from sample_data import sample
 
 PEAK_OF_CHILD = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
                  "sys.stdout.write(r.stdout + r.stderr); "
@@ -49,13 +48,6 @@ for method in ('encode_batch', 'encode_batch_fast'):
             tokens += sum(len(e.ids) for e in getattr(backend, method)(texts[i:i + batch]))
         print('METHOD', method, 'BATCH', batch, 'TOKENS', tokens, 'SECONDS', time.perf_counter() - start)
 """
-
-
-def find(name: str) -> Path:
-    for root in DATA:
-        if (root / name).exists():
-            return root / name
-    sys.exit(f"benchmarks/preprocess.py: {name} not found under {' or '.join(map(str, DATA))}")
 
 
 def timed(command: list[str]) -> tuple[float, float, str]:
@@ -84,9 +76,8 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="preprocess-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    tokenizer = find("aquila2_tokenizer")
-    source = pq.read_table(find("alpaca/alpaca_5000.parquet") if (DATA[0] / "alpaca").exists()
-                           else find("alpaca/alpaca_300.parquet"), columns=["text"])
+    tokenizer = sample("aquila2_tokenizer")
+    source = pq.read_table(sample("alpaca/alpaca_5000.parquet", "alpaca/alpaca_300.parquet"), columns=["text"])
     table = pa.concat_tables([source] * -(-args.documents // source.num_rows)).slice(0, args.documents)
     parquet, lines = work / "alpaca.parquet", work / "alpaca.jsonl"
     pq.write_table(table, parquet)

@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from sample_data import REPO, sample
+
 STEP = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+) \|.*?lm loss: ([0-9.E+-]+)")
 
 
@@ -72,10 +73,8 @@ def main() -> None:
 
     spec = plugin_manager.get().find_model(args.model)[1]
     work = Path(tempfile.mkdtemp(prefix="train-bench-"))
-    data = [REPO.parent / "shared" / "data", REPO / "examples" / "data"]
-    tokenizer = next(str(d / "aquila2_tokenizer") for d in data if (d / "aquila2_tokenizer").is_dir())
-    alpaca = next(str(p) for d in data for p in (d / "alpaca" / "alpaca_5000.parquet",
-                                                  d / "alpaca" / "alpaca_300.parquet") if p.is_file())
+    tokenizer = str(sample("aquila2_tokenizer"))
+    alpaca = str(sample("alpaca/alpaca_5000.parquet", "alpaca/alpaca_300.parquet"))
     prefix = preprocess(PreprocessOptions(input=alpaca, tokenizer=tokenizer, output_prefix=str(work / "alpaca"),
                                           append_eod=True, progress=False)).outputs["text"]
     # both routes start from the same weights (a random checkpoint converted to torch_dist), so their losses agree

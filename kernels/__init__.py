@@ -43,4 +43,3 @@ def npu_kernels() -> KernelSet:
     from aquila_npu.kernels.npu import NpuFlashAttention, NpuRMSNorm, NpuSwiGLU
 
     return KernelSet(name="npu-fused", norm=NpuRMSNorm, core_attention=NpuFlashAttention, activation=NpuSwiGLU)
-

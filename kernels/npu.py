@@ -95,4 +95,3 @@ class NpuFlashAttention(torch.nn.Module):
         mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
         out = attention(query, key, value, self.scale, mask)
         return out.reshape(out.shape[0], out.shape[1], -1)
-

@@ -14,7 +14,8 @@ from aquila_npu.hookspecs import hookimpl
 DEVICE = "cpu"
 
 # Megatron modules that call torch.cuda.* or put tensors on "cuda" on the paths aquila-npu uses (model, tensor and
-# pipeline parallelism, optimizer, checkpointing, inference, Megatron-LM's training loop). Each gets the CPU-bridged ``torch``.
+# pipeline parallelism, optimizer, checkpointing, inference, Megatron-LM's training loop). Each gets the CPU-bridged
+# ``torch``.
 MEGATRON_CUDA_CALLERS = (
     "megatron.core.parallel_state",
     "megatron.core.utils",

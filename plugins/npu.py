@@ -79,4 +79,3 @@ def aquila_npu_kernels(device):
     from aquila_npu.kernels import npu_kernels
 
     return npu_kernels()
-

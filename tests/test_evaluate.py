@@ -262,7 +262,8 @@ def test_aquila_npu_evaluate_is_the_same_command(tokenizer_dir, boolq_file):
     result = run_python("-m", "aquila_npu", "evaluate", "boolq", "--load", "/nowhere", "--tokenizer-name-or-path",
                         str(tokenizer_dir), "--task-data-path", str(boolq_file))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "aquila-npu evaluate: error: --load /nowhere: no such checkpoint folder"
+    assert result.stderr.strip().splitlines()[-1] == ("aquila-npu evaluate: error: --load /nowhere: no such "
+                                                      "checkpoint folder")
 
 
 @pytest.mark.parametrize("args, message", [
