@@ -62,7 +62,8 @@ def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
     plugins = plugin_manager.get()
     if options.plugins:
         plugins.require(options.plugins)
-    spec = resolve_spec(options.load, options.load_model_type, options.model, plugins, options.plugins or None)
+    spec, source = resolve_spec(options.load, options.load_model_type, options.model, plugins,
+                                options.plugins or None)
     tp = options.tensor_model_parallel_size
     spec.check_parallel(tp)
     family = family_of(spec, plugins)
@@ -74,7 +75,7 @@ def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
     if dist.get_world_size() != tp:
         raise AquilaNpuError(f"{purpose} runs one model over all processes: start {tp} process(es) for "
                              f"--tensor-model-parallel-size {tp}, not {dist.get_world_size()}")
-    loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype)
+    loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype, source)
     return OpenModel(loaded.model, spec, family, tokenizer, loaded.dtype, world)
 
 
@@ -126,24 +127,27 @@ def quiet_library_warnings() -> None:
 
 
 def resolve_spec(load: str, load_model_type: str, model_name: str | None, plugins, plugin_names=None):
-    """The spec of the checkpoint at ``load``: the named one, else its config.json / saved arguments."""
+    """(spec, opened Megatron checkpoint or None) for the checkpoint at ``load``: the named spec, else the one its
+    config.json / saved arguments describe (a Megatron checkpoint opened for that is handed on, not reopened)."""
     if not os.path.exists(load):
         raise AquilaNpuError(f"--load {load}: no such checkpoint folder")
     if model_name:
-        return plugins.find_model(model_name, plugin_names)[1]
+        return plugins.find_model(model_name, plugin_names)[1], None
     if load_model_type == "hf":
         from aquila_npu.convert.hf_format import read_spec
 
-        return read_spec(load, plugins)
+        return read_spec(load, plugins), None
     from aquila_npu.convert import open_megatron
 
-    return open_megatron(load).spec
+    source = open_megatron(load)
+    return source.spec, source
 
 
-def load_model(load: str, load_model_type: str, spec, params_dtype: str | None = None) -> LoadedModel:
+def load_model(load: str, load_model_type: str, spec, params_dtype: str | None = None, source=None) -> LoadedModel:
     """This rank's model, in eval mode, with the checkpoint's weights (call ``distributed.initialize`` first).
 
-    ``params_dtype`` (fp32 / fp16 / bf16) defaults to the dtype the checkpoint is stored in.
+    ``params_dtype`` (fp32 / fp16 / bf16) defaults to the dtype the checkpoint is stored in; ``source``: the
+    Megatron checkpoint at ``load`` when the caller has opened it already.
     """
     from megatron.core import parallel_state
 
@@ -168,7 +172,7 @@ def load_model(load: str, load_model_type: str, spec, params_dtype: str | None =
         from aquila_npu.convert import open_megatron
         from aquila_npu.convert.megatron_dist import MegatronDistCheckpoint
 
-        source = open_megatron(load, spec)
+        source = source or open_megatron(load, spec)
         kind = "torch_dist" if isinstance(source, MegatronDistCheckpoint) else "torch"
     if kind == "torch_dist":
         stored = next(iter(source.metadata.values())).dtype
