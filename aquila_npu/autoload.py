@@ -51,11 +51,14 @@ def main() -> None:
         # child processes of the job (torch_dist savers, spawned workers) re-activate from these
         os.environ[plugin_manager.ENV_PLUGINS] = ",".join(ours.plugins)
         os.environ[plugin_manager.ENV_DEVICE] = device
+        os.environ[plugin_manager.ENV_KERNELS] = plugin_manager.encode_kernel_request(ours.kernels)
+        os.environ.update(ours.environment)  # the device options, before the device runtime starts
         _activate(device)
         plugins.hook.aquila_npu_initialize_device(device=device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         if int(os.environ.get("RANK", "0")) == 0:
+            fused = ", ".join(sorted(plugin_manager.active_kernels().fused)) or "none"
             print(f"aquila-npu: plugins {', '.join(ours.plugins)} on {device}; model {ours.model or '(flags)'}; "
-                  f"{len(registry)} patches registered", file=sys.stderr)
+                  f"fused kernels: {fused}; {len(registry)} patches registered", file=sys.stderr)
     elif os.environ.get(plugin_manager.ENV_PLUGINS) and os.environ.get(plugin_manager.ENV_DEVICE):
         from aquila_npu import megatron_lm
 

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from aquila_npu import device_options as options
 from aquila_npu import plugin_manager
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.patching import PatchRegistry
@@ -26,6 +27,7 @@ class World:
     registry: PatchRegistry
     tensor_model_parallel_size: int
     pipeline_model_parallel_size: int
+    kernels: object = None  # the KernelSet models of this world are built with
 
 
 _world: World | None = None
@@ -38,8 +40,14 @@ def _free_port() -> int:
 
 
 def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-               seed: int = 1234, virtual_pipeline_model_parallel_size: int | None = None) -> World:
-    """Initialise this process for megatron-core; returns the ``World`` (idempotent within a process)."""
+               seed: int = 1234, virtual_pipeline_model_parallel_size: int | None = None,
+               kernels: dict[str, bool | None] | None = None, device_options: dict[str, str] | None = None) -> World:
+    """Initialise this process for megatron-core; returns the ``World`` (idempotent within a process).
+
+    ``kernels``: the kernel flags (``{op: True/False/None}``, ``aquila_npu.kernels``); the device's defaults
+    otherwise. ``device_options``: the device runtime's options given (``{flag: value}``,
+    ``aquila_npu.device_options``), set as environment variables before the device starts. A flag the device cannot
+    honour fails here, before anything is initialised."""
     global _world
     if _world is not None:
         return _world
@@ -47,7 +55,10 @@ def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, p
 
     plugins = plugin_manager.get()
     device = plugins.select_device(device)
+    kernel_set = plugins.kernels(device, kernels)
+    os.environ.update(options.environment(device_options or {}, device, plugins.device_options()))
     plugin_manager.set_active_device(device)
+    plugin_manager.set_kernel_request(kernels)
     registry = plugins.patch_registry(device)
     registry.apply()
     try:
@@ -67,8 +78,10 @@ def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, p
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     except BaseException:
         registry.revert()
+        plugin_manager.set_kernel_request(None)
         raise
-    _world = World(device, torch_device, registry, tensor_model_parallel_size, pipeline_model_parallel_size)
+    _world = World(device, torch_device, registry, tensor_model_parallel_size, pipeline_model_parallel_size,
+                   kernel_set)
     return _world
 
 
@@ -83,6 +96,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
     if _world is not None:
         _world.registry.revert()
+        plugin_manager.set_kernel_request(None)
         _world = None
 
 

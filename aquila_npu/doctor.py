@@ -2,8 +2,8 @@
 
 It reports the versions that matter (Python, torch, torch_npu, CANN, CUDA, megatron-core, transformers), every
 device plugin's verdict on this machine (available, or why not) with its distributed backend, which implementation
-each kernel seam of the layer will use on each device, and a list of what is missing before Aquila2 can run on an
-Ascend NPU. It only looks: nothing is initialised, no device memory is touched, and it never fails on a machine
+each kernel seam of the layer uses on each device (by default, and under its flag), and a list of what is missing
+before Aquila2 can run on an Ascend NPU. It only looks: nothing is initialised, no device memory is touched, and it never fails on a machine
 that lacks something — that is what it reports.
 """
 
@@ -53,12 +53,6 @@ def cann_version(environ=os.environ) -> tuple[str | None, str | None]:
     return None, None
 
 
-def _describe(implementation) -> str:
-    if implementation is None:
-        return "megatron-core's own"
-    return f"{implementation.__module__}.{getattr(implementation, '__qualname__', implementation.__class__.__name__)}"
-
-
 def collect() -> Report:
     import torch
 
@@ -82,13 +76,20 @@ def collect() -> Report:
         why = "" if available else (plugins.hook.aquila_npu_device_unavailable_reason(device=device) or "not available")
         report.devices.append({"device": device, "priority": priority, "available": "yes" if available else "no",
                                "backend": plugins.backend(device) or "", "why not": why})
-        kernels = plugins.kernels(device)
-        report.kernels.append({"device": device, "set": kernels.name, "rms_norm": _describe(kernels.norm),
-                               "attention": _describe(kernels.core_attention),
-                               "swiglu": _describe(kernels.activation), "rotary": _describe(kernels.rotary)})
+        report.kernels += kernel_rows(device, plugins)
     report.selected = next((d["device"] for d in report.devices if d["available"] == "yes"), None)
     report.npu_missing = npu_missing(report, cann)
     return report
+
+
+def kernel_rows(device: str, plugins) -> list[dict]:
+    """Per op: its flag, what runs without the flag, and the device's fused kernel (what the flag selects)."""
+    from aquila_npu.kernels import FLAGS, OPS
+
+    offered = plugins.hook.aquila_npu_kernels(device=device) or {}
+    default = plugins.kernels(device).describe()
+    return [{"device": device, "op": op, "flag": FLAGS[op], "without the flag": default[op],
+             "fused kernel": offered[op].name if op in offered else "none (the flag is an error)"} for op in OPS]
 
 
 def npu_missing(report: Report, cann: str | None) -> list[str]:
@@ -121,8 +122,8 @@ def render(report: Report) -> str:
     lines += ["", "devices (automatic selection takes the first available):",
               _table(report.devices, ["device", "priority", "available", "backend", "why not"])]
     lines += ["", f"selected device: {report.selected or 'none'}"]
-    lines += ["", "kernel implementations per device (the layer spec's seams):",
-              _table(report.kernels, ["device", "set", "rms_norm", "attention", "swiglu", "rotary"])]
+    lines += ["", "kernels per device (the layer's seams; --no-<flag> selects the reference):",
+              _table(report.kernels, ["device", "op", "flag", "without the flag", "fused kernel"])]
     lines += ["", "NPU path: " + ("ready" if not report.npu_missing else "missing")]
     lines += [f"  - {item}" for item in report.npu_missing]
     return "\n".join(lines)

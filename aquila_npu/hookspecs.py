@@ -18,7 +18,8 @@ There are two kinds of plugin, told apart only by the hooks they implement:
 
 * a **model family** (``aquila2``) declares named model specs, tokenizer defaults and extra arguments;
 * a **device** (``cpu``, ``cuda``, ``npu``) says whether it is available, its ``torch.distributed`` backend, how to
-  initialise it, the Megatron argument defaults it needs, the patches it applies and the kernels it supplies.
+  initialise it, the Megatron argument defaults it needs, the patches it applies, the fused kernels it offers and
+  the runtime options it takes as flags.
 
 Device hooks take the device name and are ``firstresult``: a plugin returns ``None`` for devices that are not its
 own, so a third-party plugin can add a device or override one by registering before the built-in one.
@@ -33,7 +34,8 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import argparse
 
-    from aquila_npu.kernels import KernelSet
+    from aquila_npu.device_options import DeviceOption
+    from aquila_npu.kernels import Kernel
     from aquila_npu.patching import PatchRegistry
     from aquila_npu.specs import ModelFamily
 
@@ -84,6 +86,12 @@ def aquila_npu_initialize_device(device: str, local_rank: int) -> Any:
     rank to its device, set the environment the runtime needs. Returns a ``torch.device`` for the local rank."""
 
 
+@hookspec
+def aquila_npu_device_options() -> list[DeviceOption] | None:
+    """The device runtime's environment variables this plugin exposes as flags (``aquila_npu.device_options``):
+    each is set, when given, before ``aquila_npu_initialize_device`` runs."""
+
+
 @hookspec(firstresult=True)
 def aquila_npu_megatron_defaults(device: str) -> dict[str, str | None] | None:
     """Megatron-LM command-line flags ``device`` needs, as ``{"--flag": value}`` (``None`` for a switch). They are
@@ -97,6 +105,7 @@ def aquila_npu_register_patches(registry: PatchRegistry, device: str) -> None:
 
 
 @hookspec(firstresult=True)
-def aquila_npu_kernels(device: str) -> KernelSet | None:
-    """The kernel implementations (norm, core attention, activation, rotary) ``device`` supplies to the layer
-    spec. Devices without fused kernels return the reference set."""
+def aquila_npu_kernels(device: str) -> dict[str, Kernel] | None:
+    """The fused kernels ``device`` offers, as ``{op: Kernel}`` for ops among ``rms_norm``, ``attention``,
+    ``rotary``, ``swiglu`` (``aquila_npu.kernels``); each ``Kernel`` says whether it is on by default. Ops left out
+    run the reference; the ``--use-fused-*`` / ``--use-flash-attn`` flags choose between the two."""

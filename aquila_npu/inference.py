@@ -13,10 +13,12 @@ the megatron world and loads this rank's weights; ``add_model_arguments`` gives 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from aquila_npu import device_options, kernels, plugin_manager
 from aquila_npu.errors import AquilaNpuError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -40,6 +42,8 @@ class ModelOptions:
     device: str | None = None
     tensor_model_parallel_size: int = 1
     params_dtype: str | None = None  # fp32 | fp16 | bf16; default: the checkpoint's
+    kernels: dict | None = None  # kernel flags {op: True/False/None} (aquila_npu.kernels); default: the device's
+    device_options: dict | None = None  # the device runtime's options given, {flag: value} (aquila_npu.device_options)
 
 
 @dataclass
@@ -57,7 +61,7 @@ class OpenModel:
 def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
     """Spec, tokenizer (checked against the model's vocabulary), megatron world and this rank's weights. One model
     spans all processes (tensor parallelism only): the world size must equal the tensor-parallel size."""
-    from aquila_npu import distributed, plugin_manager
+    from aquila_npu import distributed
 
     plugins = plugin_manager.get()
     if options.plugins:
@@ -69,13 +73,17 @@ def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
     family = family_of(spec, plugins)
     tokenizer = InferenceTokenizer(options.tokenizer_name_or_path, family.tokenizer if family else None)
     tokenizer.check_fits(spec)
-    world = distributed.initialize(options.device, tp)
+    world = distributed.initialize(options.device, tp, kernels=options.kernels, device_options=options.device_options)
     import torch.distributed as dist
 
     if dist.get_world_size() != tp:
         raise AquilaNpuError(f"{purpose} runs one model over all processes: start {tp} process(es) for "
                              f"--tensor-model-parallel-size {tp}, not {dist.get_world_size()}")
     loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype, source)
+    if dist.get_rank() == 0:
+        fused = ", ".join(sorted(world.kernels.fused)) or "none"
+        print(f"{spec.name}, {str(loaded.dtype).removeprefix('torch.')}, on {world.device} (TP={tp}); fused kernels: "
+              f"{fused}", file=sys.stderr, flush=True)
     return OpenModel(loaded.model, spec, family, tokenizer, loaded.dtype, world)
 
 
@@ -107,6 +115,8 @@ def add_model_arguments(parser) -> None:
                                                                                 "checkpoint's)")
     g.add_argument("--fp16", action="store_true", help="= --params-dtype fp16")
     g.add_argument("--bf16", action="store_true", help="= --params-dtype bf16")
+    kernels.add_arguments(parser)
+    device_options.add_arguments(parser, plugin_manager.get().device_options())
 
 
 def model_options_from_args(args) -> dict:
@@ -114,7 +124,9 @@ def model_options_from_args(args) -> dict:
     return dict(load=args.load, tokenizer_name_or_path=args.tokenizer_name_or_path,
                 load_model_type=args.load_model_type, model=args.model, plugins=tuple(args.plugin),
                 device=args.device, tensor_model_parallel_size=args.tensor_model_parallel_size,
-                params_dtype=args.params_dtype or ("fp16" if args.fp16 else "bf16" if args.bf16 else None))
+                params_dtype=args.params_dtype or ("fp16" if args.fp16 else "bf16" if args.bf16 else None),
+                kernels=kernels.request_from_args(args),
+                device_options=device_options.given(args, plugin_manager.get().device_options()))
 
 
 def quiet_library_warnings() -> None:

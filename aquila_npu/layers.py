@@ -1,15 +1,14 @@
 """The GPT layer spec: megatron-core's local (non-Transformer-Engine) modules with the kernel seams open.
 
 ``layer_spec(kernels)`` mirrors ``megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec`` for a dense
-RMSNorm/SwiGLU/RoPE decoder, but takes the norm, core attention and MLP activation from a device's ``KernelSet``.
+RMSNorm/SwiGLU/RoPE decoder, but takes the norm, core attention and MLP activation from a ``KernelSet``
+(``aquila_npu.kernels``); the set's ``config_overrides()`` are the ``TransformerConfig`` fields it needs beside.
 
 Megatron-LM's ``pretrain_gpt.py`` reads a layer spec through ``--spec MODULE NAME``; the autoload passes
 ``--spec aquila_npu.megatron_lm_spec layer_spec`` (the spec for the device selected in this process).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from aquila_npu.kernels import KernelSet
 
@@ -27,26 +26,26 @@ def layer_spec(kernels: KernelSet):
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=kernels.norm,
+            input_layernorm=kernels.rms_norm.load(),
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=kernels.core_attention,
+                    core_attention=kernels.attention.load(),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=kernels.norm,
+            pre_mlp_layernorm=kernels.rms_norm.load(),
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=ColumnParallelLinear,
                     linear_fc2=RowParallelLinear,
-                    activation_func=kernels.activation,
+                    activation_func=kernels.swiglu.load(),
                 ),
             ),
             mlp_bda=get_bias_dropout_add,
@@ -67,11 +66,5 @@ def block_spec(kernels: KernelSet, config, vp_stage: int | None = None):
 
     layer = layer_spec(kernels)
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
-                                      layer_norm=kernels.norm)
-
-
-def config_overrides(kernels: KernelSet) -> dict[str, Any]:
-    """``TransformerConfig`` fields a kernel set needs (megatron-core only builds the MLP's activation module
-    when ``use_te_activation_func`` is set; the name is historical, any module works)."""
-    return {"use_te_activation_func": kernels.activation is not None}
+                                      layer_norm=kernels.rms_norm.load())
 

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from aquila_npu import device_options
 from aquila_npu.errors import AquilaNpuError
+from aquila_npu.kernels import FLAGS as KERNEL_FLAGS
 
 OUR_FLAGS = ("--plugin", "--model", "--device")
+# the kernel switches, on and off (Megatron-LM's own --use-flash-attn only concerns its legacy models)
+KERNEL_SWITCHES = {**{flag: (op, True) for op, flag in KERNEL_FLAGS.items()},
+                   **{"--no-" + flag[2:]: (op, False) for op, flag in KERNEL_FLAGS.items()}}
 LAYER_SPEC = ("aquila_npu.megatron_lm_spec", "layer_spec")
 
 
@@ -19,22 +24,32 @@ class OurArgs:
     plugins: list[str] = field(default_factory=list)
     model: str | None = None
     device: str | None = None
+    kernels: dict[str, bool] = field(default_factory=dict)
+    device_options: dict[str, str] = field(default_factory=dict)  # {flag: value}
+    environment: dict[str, str] = field(default_factory=dict)  # the device options, as environment variables
 
 
-def split_our_args(argv: list[str]) -> tuple[OurArgs, list[str]]:
-    """Take ``--plugin`` (repeatable, comma-separated), ``--model`` and ``--device`` out of ``argv``."""
+def split_our_args(argv: list[str], option_flags=()) -> tuple[OurArgs, list[str]]:
+    """Take ``--plugin`` (repeatable, comma-separated), ``--model``, ``--device``, the kernel switches
+    (``--use-fused-rmsnorm``, ``--no-use-fused-rmsnorm``, ...) and the device options ``option_flags`` out of
+    ``argv``."""
     ours, rest = OurArgs(), []
     i = 0
     while i < len(argv):
         token = argv[i]
         flag, eq, value = token.partition("=")
-        if flag in OUR_FLAGS:
+        if token in KERNEL_SWITCHES:
+            op, on = KERNEL_SWITCHES[token]
+            ours.kernels[op] = on
+        elif flag in OUR_FLAGS or flag in option_flags:
             if not eq:
                 if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
                     raise AquilaNpuError(f"{flag} needs a value (see `aquila-npu plugins` for plugin and model names)")
                 value = argv[i + 1]
                 i += 1
-            if flag == "--plugin":
+            if flag in option_flags:
+                ours.device_options[flag] = value
+            elif flag == "--plugin":
                 ours.plugins.extend(v for v in value.split(",") if v)
             elif flag == "--model":
                 ours.model = value
@@ -64,14 +79,17 @@ def merge_flags(argv: list[str], *layers: dict[str, str | None]) -> list[str]:
 
 
 def expand_argv(argv: list[str], plugins) -> tuple[list[str], OurArgs, str]:
-    """``argv`` (without the program name) for Megatron-LM; returns (new argv, our arguments, the device)."""
-    ours, rest = split_our_args(argv)
+    """``argv`` (without the program name) for Megatron-LM; returns (new argv, our arguments, the device). Our
+    arguments (plugins, model, device, kernel switches, device options) are taken out: Megatron-LM never sees them."""
+    ours, rest = split_our_args(argv, [option.flag for option in plugins.device_options()])
     plugins.require(ours.plugins)
     model_flags: dict[str, str | None] = {}
     if ours.model:
         _, spec = plugins.find_model(ours.model, ours.plugins)
         model_flags = spec.megatron_lm_flags()
     device = plugins.select_device(ours.device)
+    plugins.kernels(device, ours.kernels)  # a fused kernel the device lacks fails now, not in the model builder
+    ours.environment = device_options.environment(ours.device_options, device, plugins.device_options())
     spec_flags = {} if _given(rest, "--spec") else {"--spec": None}
     out = merge_flags(rest, model_flags, plugins.megatron_defaults(device), spec_flags)
     if "--spec" in spec_flags:
@@ -115,13 +133,18 @@ def aquila_npu_register_patches(registry, device):
     def device_norm(original):
         from aquila_npu import plugin_manager
 
-        return plugin_manager.get().kernels(device).norm
+        return plugin_manager.active_kernels().rms_norm.load()
 
     registry.register(
         "megatron.core.transformer.transformer_block.LayerNormImpl", device_norm, owner="megatron-lm",
         reason="given a layer spec (--spec), megatron-core builds the block's final norm from this module-level "
                "default (Apex/torch), not from the spec; use the device's norm, which supports sequence parallelism")
 
+    registry.register(
+        "megatron.training.arguments.core_transformer_config_from_args", _config_with_kernel_fields,
+        owner="megatron-lm",
+        reason="the chosen kernels need TransformerConfig fields Megatron-LM has no flag for (use_te_activation_func "
+               "for a device's SwiGLU module) or sets from its own fusion flags (apply_rope_fusion)")
     registry.register(
         "megatron.training.arguments.parse_args", _parse_args_with_plugins, owner="megatron-lm",
         reason="Megatron-LM's parser takes one extra_args_provider; chain the plugins' aquila_npu_add_arguments "
@@ -175,6 +198,18 @@ def _parse_args_with_plugins(original):
         return original(provider, ignore_unknown_args)
 
     return parse_args
+
+
+def _config_with_kernel_fields(original):
+    def core_transformer_config_from_args(*args, **kwargs):
+        from aquila_npu import plugin_manager
+
+        config = original(*args, **kwargs)
+        for name, value in plugin_manager.active_kernels().config_overrides().items():
+            setattr(config, name, value)
+        return config
+
+    return core_transformer_config_from_args
 
 
 def _instruction_datasets_when_asked(original):

@@ -13,19 +13,20 @@ def build_gpt_model(spec: ModelSpec, *, kernels=None, pre_process: bool | None =
                     **config_overrides: Any):
     """A ``GPTModel`` for this rank's tensor/pipeline slice (``aquila_npu.distributed.initialize`` first).
 
-    ``config_overrides`` are ``TransformerConfig`` fields (e.g. ``params_dtype``, ``sequence_parallel``).
+    ``config_overrides`` are ``TransformerConfig`` fields (e.g. ``params_dtype``, ``sequence_parallel``);
+    ``kernels`` a ``KernelSet`` (default: the one this process was initialised with).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
     device = plugin_manager.active_device()
-    kernels = kernels or plugin_manager.get().kernels(device)
+    kernels = kernels or plugin_manager.active_kernels()
     tp = parallel_state.get_tensor_model_parallel_world_size()
     values = dict(
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         use_cpu_initialization=device == "cpu",
-        **layers.config_overrides(kernels),
+        **kernels.config_overrides(),
     )
     values.update(config_overrides)
     if "params_dtype" in config_overrides:  # keep the mixed-precision flags consistent with the dtype

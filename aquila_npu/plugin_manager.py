@@ -20,6 +20,8 @@ ENTRY_POINT_GROUP = "aquila_npu.plugins"
 # set by the autoload for every process of a Megatron-LM job (child processes inherit them)
 ENV_PLUGINS = "AQUILA_NPU_PLUGINS"
 ENV_DEVICE = "AQUILA_NPU_DEVICE"
+# the kernel flags of a Megatron-LM job (``op=1,op=0``; ops not named take the device's default)
+ENV_KERNELS = "AQUILA_NPU_KERNELS"
 
 
 class Plugins:
@@ -110,13 +112,16 @@ class Plugins:
     def backend(self, device: str) -> str:
         return self.hook.aquila_npu_distributed_backend(device=device)
 
-    def kernels(self, device: str):
-        kernels = self.hook.aquila_npu_kernels(device=device)
-        if kernels is None:
-            from aquila_npu.kernels import reference_kernels
+    def kernels(self, device: str, requested: dict[str, bool | None] | None = None):
+        """The ``KernelSet`` for ``device``: its fused kernels where ``requested`` (``{op: True/False/None}``, None:
+        the device's default) asks for them, the reference elsewhere. Asking for one it lacks is an error."""
+        from aquila_npu import kernels
 
-            kernels = reference_kernels()
-        return kernels
+        return kernels.choose(device, self.hook.aquila_npu_kernels(device=device), requested)
+
+    def device_options(self) -> list:
+        """Every device's runtime options (``DeviceOption``), for the parsers of every route."""
+        return [option for options in self.hook.aquila_npu_device_options() for option in options or ()]
 
     def megatron_defaults(self, device: str) -> dict[str, str | None]:
         return dict(self.hook.aquila_npu_megatron_defaults(device=device) or {})
@@ -130,6 +135,7 @@ class Plugins:
 
 _plugins: Plugins | None = None
 _active_device: str | None = None
+_kernel_request: dict[str, bool | None] | None = None
 
 
 def get() -> Plugins:
@@ -151,3 +157,25 @@ def set_active_device(device: str) -> None:
 def active_device() -> str:
     """The device this process runs on: set by initialisation, inherited from the parent, or auto-selected."""
     return _active_device or os.environ.get(ENV_DEVICE) or get().select_device()
+
+
+def set_kernel_request(requested: dict[str, bool | None] | None) -> None:
+    """The kernel flags of this process (``None``: every op at the device's default)."""
+    global _kernel_request
+    _kernel_request = dict(requested) if requested else None
+
+
+def kernel_request() -> dict[str, bool | None]:
+    if _kernel_request is not None:
+        return dict(_kernel_request)
+    encoded = os.environ.get(ENV_KERNELS, "")
+    return {op: value == "1" for op, _, value in (item.partition("=") for item in encoded.split(",") if item)}
+
+
+def encode_kernel_request(requested: dict[str, bool | None]) -> str:
+    return ",".join(f"{op}={int(value)}" for op, value in requested.items() if value is not None)
+
+
+def active_kernels():
+    """The ``KernelSet`` this process builds models with: the active device's, under this process's flags."""
+    return get().kernels(active_device(), kernel_request())

@@ -1,45 +1,165 @@
-"""Kernel seams of the Aquila2 layer: the ops a device may replace with its own implementation.
+"""Kernel seams of the Aquila2 layer: four ops a device may run with its own fused implementation
+(flags as MindSpeed names them).
 
-A ``KernelSet`` is what a device plugin hands to the layer spec (``aquila_npu_kernels`` hook). Every field has a
-plain-PyTorch reference in ``aquila_npu.kernels.reference``; the reference is what every other implementation is
-tested against.
+* ``rms_norm`` (``--use-fused-rmsnorm``): the layer spec's norms and the block's final norm;
+* ``attention`` (``--use-flash-attn``): the layer spec's core attention (``DotProductAttention``'s place);
+* ``rotary`` (``--use-fused-rotary-pos-emb``): megatron-core's fused-RoPE slot
+  (``rope_utils.fused_apply_rotary_pos_emb``, used when ``apply_rope_fusion`` is set);
+* ``swiglu`` (``--use-fused-swiglu``): the MLP's activation module (``use_te_activation_func``) or megatron-core's
+  fused bias-SwiGLU (``bias_activation_fusion``).
+
+A device plugin offers its fused implementations through the ``aquila_npu_kernels`` hook, as ``{op: Kernel}``;
+``choose`` turns that and the user's flags into the ``KernelSet`` the layer spec is built from. A flag left out
+takes the device's default (each ``Kernel`` says whether it is on by default); ``--no-<flag>`` picks the reference;
+a flag asking for an op the device does not offer is an error naming what it does offer. Every op has a plain-PyTorch
+reference (``aquila_npu.kernels.reference``) that every other implementation is tested against.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
+
+from aquila_npu.errors import AquilaNpuError
+
+OPS = ("rms_norm", "attention", "rotary", "swiglu")
+FLAGS = {"rms_norm": "--use-fused-rmsnorm", "attention": "--use-flash-attn",
+         "rotary": "--use-fused-rotary-pos-emb", "swiglu": "--use-fused-swiglu"}
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One implementation of one op.
+
+    name: what it is, as ``doctor`` and the start-up log print it.
+    module: dotted path of the layer-spec module (norm, core attention, MLP activation), imported only when a model
+        is built (choosing kernels imports no Megatron); ``None`` keeps megatron-core's own.
+    config: the ``TransformerConfig`` fields this implementation needs (e.g. ``apply_rope_fusion``).
+    default: used when its flag is not given (per device: on for NPU and CUDA, off for the CPU).
+    """
+
+    name: str
+    module: Optional[str] = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    default: bool = True
+
+    def load(self) -> Optional[type]:
+        if self.module is None:
+            return None
+        path, _, name = self.module.rpartition(".")
+        return getattr(importlib.import_module(path), name)
 
 
 @dataclass(frozen=True)
 class KernelSet:
-    """Implementations of the layer's kernel seams for one device.
+    """The implementation of every op the layer is built with; ``fused`` names the ops not on the reference."""
 
-    norm: module class built as ``norm(config=, hidden_size=, eps=)``; must honour ``config.sequence_parallel``.
-    core_attention: megatron-core core-attention module class (``DotProductAttention``'s constructor).
-    activation: optional module class for the whole gated MLP activation (input ``[..., 2 * ffn]``); ``None``
-        keeps megatron-core's own ``silu(gate) * up``.
-    rotary: optional replacement for megatron-core's ``apply_rotary_pos_emb``; ``None`` keeps megatron-core's.
-    """
+    rms_norm: Kernel
+    attention: Kernel
+    rotary: Kernel
+    swiglu: Kernel
+    fused: frozenset = frozenset()
 
-    name: str
-    norm: type
-    core_attention: type
-    activation: Optional[type] = None
-    rotary: Optional[Callable] = None
+    def config_overrides(self) -> dict[str, Any]:
+        """``TransformerConfig`` fields the chosen implementations need (stated both ways, so they also override a
+        Megatron-LM flag that says otherwise)."""
+        values: dict[str, Any] = {}
+        for op in OPS:
+            values.update(getattr(self, op).config)
+        return values
 
-
-def reference_kernels() -> KernelSet:
-    """The plain-PyTorch kernels (CPU, and the fallback on every device)."""
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-
-    from aquila_npu.kernels.reference import RMSNorm
-
-    return KernelSet(name="reference", norm=RMSNorm, core_attention=DotProductAttention)
+    def describe(self) -> dict[str, str]:
+        return {op: getattr(self, op).name for op in OPS}
 
 
-def npu_kernels() -> KernelSet:
-    """torch_npu's fused operators (``aquila_npu.kernels.npu``): RMSNorm, flash attention, SwiGLU."""
-    from aquila_npu.kernels.npu import NpuFlashAttention, NpuRMSNorm, NpuSwiGLU
+def reference_kernels() -> dict[str, Kernel]:
+    """The plain-PyTorch implementations (megatron-core's own where it already computes exactly that)."""
+    return {
+        "rms_norm": Kernel("reference RMSNorm (fp32 statistics)", "aquila_npu.kernels.reference.RMSNorm"),
+        "attention": Kernel("megatron-core DotProductAttention",
+                            "megatron.core.transformer.dot_product_attention.DotProductAttention"),
+        "rotary": Kernel("megatron-core rotate-half RoPE", None, {"apply_rope_fusion": False}),
+        "swiglu": Kernel("megatron-core silu(gate) * up", None,
+                         {"use_te_activation_func": False, "bias_activation_fusion": False}),
+    }
 
-    return KernelSet(name="npu-fused", norm=NpuRMSNorm, core_attention=NpuFlashAttention, activation=NpuSwiGLU)
+
+def choose(device: str, offered: Mapping[str, Kernel] | None, requested: Mapping[str, bool | None] | None = None
+           ) -> KernelSet:
+    """The kernel set for ``device``: per op, the device's fused ``offered`` implementation when its flag asks for
+    it (or, not given, when it is on by default), else the reference."""
+    offered = dict(offered or {})
+    requested = dict(requested or {})
+    unknown = set(requested) - set(OPS)
+    if unknown:
+        raise AquilaNpuError(f"unknown kernel op(s) {', '.join(sorted(unknown))}; the ops are {', '.join(OPS)}")
+    reference = reference_kernels()
+    chosen, fused = {}, set()
+    for op in OPS:
+        want = requested.get(op)
+        kernel = offered.get(op)
+        if want and kernel is None:
+            has = ", ".join(FLAGS[o] for o in OPS if o in offered) or "none"
+            raise AquilaNpuError(f"{FLAGS[op]}: the {device} device has no fused {op} kernel (its fused kernels: "
+                                 f"{has}); drop the flag, or run on a device that has one (see `aquila-npu doctor`)")
+        use_fused = kernel is not None and (want if want is not None else kernel.default)
+        chosen[op] = kernel if use_fused else reference[op]
+        if use_fused:
+            fused.add(op)
+    return KernelSet(**chosen, fused=frozenset(fused))
+
+
+def request_from_args(args) -> dict[str, bool | None]:
+    """``{op: True/False/None}`` from the flags ``add_arguments`` defines (None: the device's default)."""
+    return {op: getattr(args, FLAGS[op][2:].replace("-", "_"), None) for op in OPS}
+
+
+def add_arguments(parser) -> None:
+    """The four kernel flags, each ``--flag`` / ``--no-flag``, default: the device's choice."""
+    import argparse
+
+    group = parser.add_argument_group("kernels (default: the device's; see `aquila-npu doctor`)")
+    for op in OPS:
+        group.add_argument(FLAGS[op], action=argparse.BooleanOptionalAction, default=None,
+                           help=f"the device's fused {op} kernel (--no-... : the plain-PyTorch reference)")
+
+
+def megatron_rotary_slot(apply_rotary: Callable) -> Callable:
+    """``apply_rotary(t, cos, sin)`` in the shape of megatron-core's fused-RoPE slot
+    (``rope_utils.fused_apply_rotary_pos_emb(t, freqs, transpose_output_memory=False, interleaved=False)``), which
+    megatron-core calls for ``sbhd`` tensors when ``apply_rope_fusion`` is set; ``freqs`` are the angles
+    ``[s, 1|b, 1, rot_dim]``; a rotary dimension smaller than the head passes the rest through, as megatron-core's
+    own does."""
+    import torch
+
+    def fused_apply_rotary_pos_emb(t, freqs, transpose_output_memory=False, interleaved=False):
+        if interleaved:
+            raise AquilaNpuError("interleaved rotary embeddings have no fused kernel here; drop --rotary-interleaved "
+                                 "or --no-use-fused-rotary-pos-emb")
+        rot_dim = freqs.shape[-1]
+        rotated = apply_rotary(t[..., :rot_dim], torch.cos(freqs).to(t.dtype), torch.sin(freqs).to(t.dtype))
+        return rotated if rot_dim == t.shape[-1] else torch.cat((rotated, t[..., rot_dim:]), dim=-1)
+
+    return fused_apply_rotary_pos_emb
+
+
+def pytorch_kernels(default: bool) -> dict[str, Kernel]:
+    """PyTorch's own fused operators (``aquila_npu.kernels.pytorch``): ``rms_norm`` and scaled-dot-product attention
+    (FlashAttention-2 / memory-efficient backends on CUDA, a flash kernel on the CPU)."""
+    return {"rms_norm": Kernel("torch.nn.functional.rms_norm", "aquila_npu.kernels.pytorch.TorchRMSNorm",
+                               default=default),
+            "attention": Kernel("torch scaled_dot_product_attention", "aquila_npu.kernels.pytorch.SdpaAttention",
+                                default=default)}
+
+
+def npu_kernels() -> dict[str, Kernel]:
+    """torch_npu's fused operators (``aquila_npu.kernels.npu``), all on by default. The rotary one needs the npu
+    plugin's patch that puts ``npu_rotary_mul`` into megatron-core's fused-RoPE slot."""
+    return {
+        "rms_norm": Kernel("torch_npu.npu_rms_norm", "aquila_npu.kernels.npu.NpuRMSNorm"),
+        "attention": Kernel("torch_npu.npu_fusion_attention", "aquila_npu.kernels.npu.NpuFlashAttention"),
+        "rotary": Kernel("torch_npu.npu_rotary_mul", None, {"apply_rope_fusion": True}),
+        "swiglu": Kernel("torch_npu.npu_swiglu", "aquila_npu.kernels.npu.NpuSwiGLU",
+                         {"use_te_activation_func": True, "bias_activation_fusion": False}),
+    }

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from aquila_npu.kernels.reference import RMSNorm, causal_mask
+from aquila_npu.kernels.reference import CoreAttention, RMSNorm, causal_mask
 
 # pre_tockens: how many earlier tokens a query may attend to; "all of them" as MindSpeed passes it
 ALL_PREVIOUS_TOKENS = 65536
@@ -63,8 +63,7 @@ class NpuRMSNorm(RMSNorm):
     """The reference ``RMSNorm`` module (its weight marked for sequence parallelism) computing with
     ``npu_rms_norm``."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+    kernel = staticmethod(rms_norm)
 
 
 class NpuSwiGLU(torch.nn.Module):
@@ -77,21 +76,7 @@ class NpuSwiGLU(torch.nn.Module):
         return swiglu(x)
 
 
-class NpuFlashAttention(torch.nn.Module):
-    """megatron-core core attention (``DotProductAttention``'s constructor and forward) over
-    ``npu_fusion_attention``: ``[sq, b, heads, d]`` in, ``[sq, b, heads * d]`` out."""
+class NpuFlashAttention(CoreAttention):
+    """megatron-core core attention over ``npu_fusion_attention``."""
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **_unused) -> None:
-        super().__init__()
-        if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0.0:
-            raise ValueError("NpuFlashAttention: attention dropout is not supported (Aquila2 trains without)")
-        self.scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError("NpuFlashAttention: attention bias and packed sequences are not supported")
-        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
-        out = attention(query, key, value, self.scale, mask)
-        return out.reshape(out.shape[0], out.shape[1], -1)
+    kernel = staticmethod(attention)

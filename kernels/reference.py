@@ -18,8 +18,11 @@ class RMSNorm(torch.nn.Module):
 
     Unlike megatron-core's ``WrappedTorchNorm`` it supports ``--sequence-parallel``: its weight is marked
     ``sequence_parallel`` so megatron-core all-reduces its gradient over the tensor-parallel group
-    (``finalize_model_grads``), as Transformer Engine's and Apex's norms do.
+    (``finalize_model_grads``), as Transformer Engine's and Apex's norms do. Subclasses set ``kernel`` (a function
+    with ``rms_norm``'s signature).
     """
+
+    kernel = staticmethod(rms_norm)
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__()
@@ -32,7 +35,7 @@ class RMSNorm(torch.nn.Module):
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.kernel(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -72,6 +75,30 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
         mask = causal_mask(sq, key.shape[0], query.device)
     probs = scores.masked_fill(mask, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
     return torch.matmul(probs.to(value.dtype), v).permute(2, 0, 1, 3)
+
+
+class CoreAttention(torch.nn.Module):
+    """megatron-core core attention (``DotProductAttention``'s constructor and forward) over an attention function
+    with ``attention``'s signature: ``[sq, b, heads, d]`` in, ``[sq, b, heads * d]`` out. Subclasses set ``kernel``;
+    this one computes with the reference."""
+
+    kernel = staticmethod(attention)
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, **_unused) -> None:
+        super().__init__()
+        if (attention_dropout if attention_dropout is not None else config.attention_dropout) != 0.0:
+            raise ValueError(f"{type(self).__name__}: attention dropout is not supported (Aquila2 trains without)")
+        self.scale = softmax_scale if softmax_scale is not None else config.kv_channels ** -0.5
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError(f"{type(self).__name__}: attention bias and packed sequences are not supported")
+        # megatron-core's masks are boolean, True = masked; anything else here is its causal default
+        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
+        out = self.kernel(query, key, value, self.scale, mask)
+        return out.reshape(out.shape[0], out.shape[1], -1)
 
 
 def swiglu(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The CPU device: gloo collectives, reference kernels, and the bridge that lets Megatron run without CUDA.
+"""The CPU device: gloo collectives, the reference kernels (PyTorch's RMSNorm and attention when asked for), and the
+bridge that lets Megatron run without CUDA.
 
 Megatron assumes CUDA in many places (see ``../shared/notes/megatron-on-cpu.md`` in the development notes and
 ``aquila_npu.plugins.cpu_bridge``). Everything this plugin changes is a registered patch with its reason, listed by
@@ -114,9 +115,10 @@ def aquila_npu_megatron_defaults(device):
 def aquila_npu_kernels(device):
     if device != DEVICE:
         return None
-    from aquila_npu.kernels import reference_kernels
+    from aquila_npu.kernels import pytorch_kernels
 
-    return reference_kernels()
+    # the reference by default; the seed's --use-fused-rmsnorm / --use-flash-attn take PyTorch's CPU kernels
+    return pytorch_kernels(default=False)
 
 
 @hookimpl

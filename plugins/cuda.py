@@ -1,6 +1,14 @@
-"""The NVIDIA CUDA device: NCCL collectives; megatron-core's CUDA paths need no bridging."""
+"""The NVIDIA CUDA device: NCCL collectives; megatron-core's CUDA paths need no bridging.
+
+Fused kernels, all on by default: Transformer Engine's RMSNorm and fused RoPE when it is installed (megatron-core's
+own ``TENorm`` and ``apply_rope_fusion`` path); otherwise PyTorch's ``rms_norm`` and no fused RoPE. Attention is
+PyTorch's scaled-dot-product attention (its FlashAttention-2 backend for causal training); SwiGLU is megatron-core's
+fused bias-SwiGLU (``torch.compile``).
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 from aquila_npu.hookspecs import hookimpl
 
@@ -51,9 +59,28 @@ def aquila_npu_initialize_device(device, local_rank):
 def aquila_npu_megatron_defaults(device):
     if device != DEVICE:
         return None
-    import importlib.util
-
-    if importlib.util.find_spec("transformer_engine") is None:
+    if not _transformer_engine_installed():
         # without Transformer Engine megatron-core runs its local modules
         return {"--transformer-impl": "local", "--no-persist-layer-norm": None}
     return {}
+
+
+def _transformer_engine_installed() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+@hookimpl
+def aquila_npu_kernels(device):
+    if device != DEVICE:
+        return None
+    from aquila_npu.kernels import Kernel, pytorch_kernels
+
+    offered = pytorch_kernels(default=True)
+    offered["swiglu"] = Kernel("megatron-core fused bias-SwiGLU (torch.compile)", None,
+                               {"bias_activation_fusion": True, "use_te_activation_func": False})
+    if _transformer_engine_installed():
+        offered["rms_norm"] = Kernel("Transformer Engine RMSNorm (megatron-core TENorm)",
+                                     "megatron.core.extensions.transformer_engine.TENorm")
+        offered["rotary"] = Kernel("Transformer Engine fused RoPE (megatron-core apply_rope_fusion)", None,
+                                   {"apply_rope_fusion": True})
+    return offered

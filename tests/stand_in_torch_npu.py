@@ -28,7 +28,9 @@ def npu_rotary_mul(x: torch.Tensor, r1: torch.Tensor, r2: torch.Tensor):
     calls.append("npu_rotary_mul")
     assert x.dim() == 4 and r1.dim() == 4 and r1.shape == r2.shape, "npu_rotary_mul takes 4-D tensors"
     assert r1.shape[-1] == x.shape[-1], "cos/sin must cover the whole head dimension"
-    torch.broadcast_shapes(r1.shape, x.shape)
+    # the documented cos/sin shapes for x [S, B, N, D] (and [B, S, N, D]): S11D, SB1D, SBND (1S1D, BS1D, BSND)
+    assert r1.shape[2] in (1, x.shape[2]) and r1.shape[0] in (1, x.shape[0]) and r1.shape[1] in (1, x.shape[1])
+    assert r1.shape[2] == 1 or r1.shape == x.shape, "cos/sin broadcast over heads only with all else equal"
     first, second = x.chunk(2, dim=-1)
     return x * r1 + torch.cat((-second, first), dim=-1) * r2
 
@@ -74,3 +76,39 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse=None, pa
     out = torch.matmul(probs.to(value.dtype), v).permute(2, 0, 1, 3).reshape(s_q, b, head_num * d)
     empty = torch.empty(0)
     return out, empty, empty, empty, 0, 0, 0
+
+
+# ------------------------------------------------------------------------------------------ the runtime
+runtime_calls: list[str] = []
+
+
+def install_runtime(device_count: int) -> None:
+    """Stand in for what ``import torch_npu`` does to torch in a process (call it in a fresh one: the backend rename
+    cannot be undone): ``torch.npu`` with ``is_available``, ``device_count``, ``set_device``, ``current_device``;
+    the ``npu`` device type; and the ``torch_npu.contrib.transfer_to_npu`` bridge, whose import is recorded."""
+    import sys
+    import types
+
+    current = [0]
+
+    def set_device(index):
+        runtime_calls.append(f"set_device({index})")
+        assert 0 <= index < device_count, f"NPU {index} does not exist ({device_count} NPUs)"
+        current[0] = index
+
+    torch.utils.rename_privateuse1_backend("npu")
+    torch.npu = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: device_count,
+                                      set_device=set_device, current_device=lambda: current[0])
+    sys.modules["torch_npu"] = sys.modules[__name__]
+    contrib = types.ModuleType("torch_npu.contrib")
+    bridge = types.ModuleType("torch_npu.contrib.transfer_to_npu")
+
+    def import_bridge(name):  # its import is what maps torch.cuda onto the NPU: record it
+        if name != "transfer_to_npu":
+            raise AttributeError(name)
+        runtime_calls.append("import transfer_to_npu")
+        contrib.transfer_to_npu = bridge
+        return bridge
+
+    contrib.__getattr__ = import_bridge
+    sys.modules["torch_npu.contrib"] = contrib

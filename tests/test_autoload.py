@@ -114,6 +114,22 @@ def test_expand_argv_precedence_user_then_spec_then_device():
     assert argv[argv.index("--num-layers") + 1] == "60"
 
 
+def test_expand_argv_takes_the_kernel_switches_and_checks_them_against_the_device():
+    """Megatron-LM never sees the kernel switches (its own --use-flash-attn only concerns legacy models); a fused
+    kernel the device lacks fails at start-up, in one line."""
+    plugins = plugin_manager.get()
+    argv, ours, _ = megatron_lm.expand_argv(
+        ["--plugin", "aquila2", "--device", "cpu", "--use-flash-attn", "--use-fused-rmsnorm", "--no-use-fused-swiglu",
+         "--seq-length", "64"], plugins)
+    assert ours.kernels == {"attention": True, "rms_norm": True, "swiglu": False}
+    assert not any(flag.startswith(("--use-f", "--no-use-f")) for flag in argv)
+    encoded = plugin_manager.encode_kernel_request(ours.kernels)
+    assert plugins.kernels("cpu", ours.kernels).fused == {"attention", "rms_norm"}
+    assert encoded == "attention=1,rms_norm=1,swiglu=0"
+    with pytest.raises(AquilaNpuError, match="--use-fused-rotary-pos-emb: the cpu device has no fused rotary kernel"):
+        megatron_lm.expand_argv(["--plugin", "aquila2", "--device", "cpu", "--use-fused-rotary-pos-emb"], plugins)
+
+
 def test_expand_argv_needs_values():
     with pytest.raises(AquilaNpuError, match="--model needs a value"):
         megatron_lm.split_our_args(["--plugin", "aquila2", "--model"])

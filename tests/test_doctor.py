@@ -20,7 +20,13 @@ def test_doctor_reports_this_cpu_machine():
     assert rows["cpu"][1:4] == ["100", "yes", "gloo"]
     assert rows["npu"][1:4] == ["300", "no", "hccl"]
     assert "selected device: cpu" in out
-    assert "aquila_npu.kernels.reference.RMSNorm" in out and "DotProductAttention" in out
+    kernels = out.split("kernels per device")[1].split("NPU path")[0]
+    rows = {tuple(line.split()[:2]): line for line in kernels.splitlines()[3:] if line.strip()}
+    assert len(rows) == 12  # four ops on each of the three devices
+    assert "reference RMSNorm" in rows["cpu", "rms_norm"] and "torch.nn.functional.rms_norm" in rows["cpu", "rms_norm"]
+    assert rows["cpu", "rotary"].endswith("none (the flag is an error)")
+    assert rows["npu", "attention"].split()[2:] == ["--use-flash-attn", "torch_npu.npu_fusion_attention",
+                                                   "torch_npu.npu_fusion_attention"]
     assert "NPU path: missing" in out and "torch_npu: `pip install aquila-npu[npu]`" in out
 
 

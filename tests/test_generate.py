@@ -243,11 +243,15 @@ def test_cli_tp2_torch_dist_greedy_matches_transformers(mg_dist_dir, tokenizer_d
 
 
 @pytest.mark.slow
-def test_cli_hf_folder_prompts_from_stdin(hf_dir, tokenizer_dir, reference, tmp_path):
+def test_cli_hf_folder_prompts_from_stdin_with_fused_kernels(hf_dir, tokenizer_dir, reference, tmp_path):
+    """Also the seed's --use-flash-attn --use-fused-rmsnorm: PyTorch's SDPA (left-padded batch, KV cache) and RMSNorm
+    on the CPU generate what transformers does."""
     out = tmp_path / "out.jsonl"
     result = _cli("--load", str(hf_dir), "--load-model-type", "hf", "--tokenizer-name-or-path", str(tokenizer_dir),
-                  "--greedy", "--max-new-tokens", str(NEW_TOKENS), "--output", str(out), stdin="\n".join(PROMPTS))
+                  "--greedy", "--max-new-tokens", str(NEW_TOKENS), "--output", str(out), "--use-flash-attn",
+                  "--use-fused-rmsnorm", stdin="\n".join(PROMPTS))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "on cpu (TP=1); fused kernels: attention, rms_norm" in result.stderr
     assert [r["tokens"] for r in _read_jsonl(out)] == reference
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
 

@@ -1,4 +1,5 @@
-"""Reference kernels: RMSNorm as Aquila2/Llama compute it, usable under sequence parallelism."""
+"""The kernels that run here against the plain-PyTorch reference (forward and backward, fp32 and bf16, GQA and odd
+shapes), alone and in a whole aquila2-tiny; how a device's kernels are chosen. (The NPU kernels: test_kernels_npu.)"""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from aquila_npu.kernels.reference import RMSNorm, rms_norm
+from kernel_checks import DEVICES, attention_inputs, rotary_angles, same_forward_backward, same_model_outputs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -27,3 +29,138 @@ def test_norm_weight_is_marked_for_sequence_parallel_grad_reduction(tiny_spec, s
     norm = RMSNorm(config, hidden_size=tiny_spec.hidden_size, eps=tiny_spec.norm_epsilon)
     assert norm.weight.sequence_parallel is sequence_parallel
     assert torch.equal(norm.weight, torch.ones(tiny_spec.hidden_size))
+
+
+# ------------------------------------------------------------------ PyTorch's fused kernels (CUDA; CPU when asked)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7, 3, 45), (2, 128)])
+def test_pytorch_rms_norm_matches_the_reference(dtype, shape, device):
+    from aquila_npu.kernels import pytorch, reference
+
+    torch.manual_seed(0)
+    x, w = torch.randn(*shape), 1 + 0.1 * torch.randn(shape[-1])
+    same_forward_backward(lambda x, w: pytorch.rms_norm(x, w, 1e-5), lambda x, w: reference.rms_norm(x, w, 1e-5),
+                          [x, w], dtype, device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, groups", [(6, 2), (4, 4), (8, 1)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_attention_matches_the_reference(dtype, heads, groups, padded, device):
+    from aquila_npu.kernels import pytorch, reference
+
+    d = 16
+    q, k, v, mask = attention_inputs(9, 3, heads, groups, d, padded, seed=2)
+    on_device = None if mask is None else mask.to(device)
+    same_forward_backward(lambda q, k, v: pytorch.attention(q, k, v, d ** -0.5, on_device),
+                          lambda q, k, v: reference.attention(q, k, v, d ** -0.5, mask), [q, k, v], dtype, device)
+
+
+def test_sdpa_attention_decoding_sees_every_cached_key():
+    """One query at the end of 6 cached keys (sq != sk): SDPA's own causal flag would align them top-left."""
+    from aquila_npu.kernels import pytorch, reference
+
+    torch.manual_seed(5)
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(6, 2, 2, 8), torch.randn(6, 2, 2, 8)
+    torch.testing.assert_close(pytorch.attention(q, k, v, 0.3), reference.attention(q, k, v, 0.3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_megatron_core_fused_swiglu_matches_the_reference(dtype, device):
+    """The CUDA device's SwiGLU: megatron-core's fused bias-SwiGLU (torch.compile, which also compiles here)."""
+    from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
+
+    from aquila_npu.kernels import reference
+
+    torch.manual_seed(4)
+    same_forward_backward(lambda x: bias_swiglu_impl(x, None), reference.swiglu, [torch.randn(7, 3, 2 * 24)], dtype,
+                          device)
+
+
+@pytest.mark.parametrize("rot_dim", [16, 8])
+def test_the_rotary_slot_adapter_equals_megatron_cores_rope(rot_dim):
+    """A rotate-half kernel in megatron-core's fused-RoPE slot computes what megatron-core's own RoPE does, also when
+    the rotary dimension is smaller than the head (the rest passes through)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from aquila_npu.kernels import megatron_rotary_slot, reference
+
+    torch.manual_seed(6)
+    s, d = 7, 16
+    freqs = rotary_angles(s, rot_dim)[:, None, None, :]
+    slot = megatron_rotary_slot(reference.apply_rotary)
+    same_forward_backward(lambda t: slot(t, freqs), lambda t: _apply_rotary_pos_emb_bshd(t, freqs),
+                          [torch.randn(s, 3, 5, d)], torch.float32)
+
+
+# ------------------------------------------------------------------ choosing kernels
+def test_each_device_has_its_defaults_and_flags_choose():
+    from aquila_npu import plugin_manager
+    from aquila_npu.kernels import OPS
+
+    plugins = plugin_manager.get()
+    assert plugins.kernels("cpu").fused == set()
+    assert plugins.kernels("npu").fused == set(OPS)
+    cuda = plugins.kernels("cuda").fused
+    assert {"rms_norm", "attention", "swiglu"} <= cuda  # rotary too where Transformer Engine is installed
+    assert plugins.kernels("cpu", {"rms_norm": True, "attention": True}).fused == {"rms_norm", "attention"}
+    assert plugins.kernels("npu", {"swiglu": False}).fused == set(OPS) - {"swiglu"}
+    assert plugins.kernels("cpu", {"rms_norm": False}).fused == set()
+
+
+@pytest.mark.parametrize("op, flag", [("rotary", "--use-fused-rotary-pos-emb"), ("swiglu", "--use-fused-swiglu")])
+def test_a_fused_kernel_the_device_lacks_is_a_clear_error(op, flag):
+    from aquila_npu import plugin_manager
+    from aquila_npu.errors import AquilaNpuError
+
+    with pytest.raises(AquilaNpuError) as error:
+        plugin_manager.get().kernels("cpu", {op: True})
+    assert str(error.value) == (f"{flag}: the cpu device has no fused {op} kernel (its fused kernels: "
+                                "--use-fused-rmsnorm, --use-flash-attn); drop the flag, or run on a device that has "
+                                "one (see `aquila-npu doctor`)")
+
+
+def _count_calls(monkeypatch, owner, name: str) -> list:
+    calls, original = [], getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_aquila2_tiny_with_the_cpu_fused_kernels_matches_the_reference(megatron_world, tiny_spec, monkeypatch):
+    """The seed's --use-fused-rmsnorm --use-flash-attn on the CPU: PyTorch's kernels in a whole aquila2-tiny (GQA)
+    give the reference's logits and weight gradients."""
+    from aquila_npu import plugin_manager
+    from aquila_npu.kernels import pytorch
+
+    plugins = plugin_manager.get()
+    norms, attentions = (_count_calls(monkeypatch, pytorch.F, name) for name in
+                         ("rms_norm", "scaled_dot_product_attention"))
+    same_model_outputs(tiny_spec, plugins.kernels("cpu", {"rms_norm": True, "attention": True}), plugins.kernels("cpu"))
+    assert len(norms) == 2 * tiny_spec.num_layers + 1 and len(attentions) == tiny_spec.num_layers
+
+
+def test_aquila2_tiny_with_the_cuda_kernel_set_matches_the_reference(megatron_world, tiny_spec, monkeypatch):
+    """Every kernel of the CUDA device's set that runs on a CPU (all but Transformer Engine's), in a whole
+    aquila2-tiny: PyTorch's RMSNorm and SDPA, megatron-core's fused bias-SwiGLU."""
+    import importlib.util
+
+    from megatron.core.transformer import mlp
+
+    from aquila_npu import plugin_manager
+
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine's kernels need a GPU")
+    plugins = plugin_manager.get()
+    kernels = plugins.kernels("cuda")
+    assert kernels.config_overrides()["bias_activation_fusion"] is True
+    swiglus = _count_calls(monkeypatch, mlp, "bias_swiglu_impl")
+    same_model_outputs(tiny_spec, kernels, plugins.kernels("cpu"))
+    assert len(swiglus) == tiny_spec.num_layers  # megatron-core's fused path ran (the reference model's did not)

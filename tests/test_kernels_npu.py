@@ -5,12 +5,13 @@ bf16, over GQA and odd shapes. This verifies our glue; it says nothing of real N
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import stand_in_torch_npu
-
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+from kernel_checks import attention_inputs, rotary_tables, same_forward_backward, same_model_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -21,17 +22,8 @@ def torch_npu(monkeypatch):
 
 
 def _check(npu_fn, ref_fn, inputs, dtype, op):
-    """Forward and input gradients of the NPU kernel equal the reference's (same upstream gradient)."""
-    ours = [x.detach().clone().to(dtype).requires_grad_(x.is_floating_point()) for x in inputs]
-    theirs = [x.detach().clone().to(dtype).requires_grad_(x.is_floating_point()) for x in inputs]
-    out_npu, out_ref = npu_fn(*ours), ref_fn(*theirs)
-    torch.testing.assert_close(out_npu, out_ref, **TOLERANCE[dtype])
-    grad = torch.randn_like(out_ref)
-    out_npu.backward(grad)
-    out_ref.backward(grad)
-    for a, b in zip(ours, theirs):
-        if a.requires_grad:
-            torch.testing.assert_close(a.grad, b.grad, **TOLERANCE[dtype])
+    """The NPU kernel equals the reference forward and backward, and called torch_npu's ``op``."""
+    same_forward_backward(npu_fn, ref_fn, inputs, dtype)
     assert stand_in_torch_npu.calls[-1] == op
 
 
@@ -53,12 +45,10 @@ def test_apply_rotary(dtype, layout):
 
     torch.manual_seed(1)
     s, b, n, d = 7, 3, 5, 16
-    freqs = torch.outer(torch.arange(s).float(), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
-    emb = torch.cat((freqs, freqs), dim=-1)
-    shape, table = ((s, b, n, d), emb[:, None, None, :]) if layout == "sbhd" else ((b, s, n, d), emb[None, :, None, :])
-    t = torch.randn(*shape)
+    cos, sin = rotary_tables(s, d, layout)
+    t = torch.randn(*((s, b, n, d) if layout == "sbhd" else (b, s, n, d)))
     _check(lambda t, c, s_: npu.apply_rotary(t, c, s_), lambda t, c, s_: reference.apply_rotary(t, c, s_),
-           [t, table.cos(), table.sin()], dtype, "npu_rotary_mul")
+           [t, cos, sin], dtype, "npu_rotary_mul")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -67,14 +57,8 @@ def test_apply_rotary(dtype, layout):
 def test_attention(dtype, heads, groups, padded):
     from aquila_npu.kernels import npu, reference
 
-    torch.manual_seed(2)
-    s, b, d = 9, 3, 16
-    q, k, v = torch.randn(s, b, heads, d), torch.randn(s, b, groups, d), torch.randn(s, b, groups, d)
-    mask = None
-    if padded:  # left padding, as generation batches it: rows 1 and 2 start with 2 and 4 padding keys
-        from aquila_npu.generate.batching import padding_mask
-
-        mask = padding_mask([0, 2, 4], s, "cpu")
+    d = 16
+    q, k, v, mask = attention_inputs(9, 3, heads, groups, d, padded, seed=2)
     scale = d ** -0.5
     _check(lambda q, k, v: npu.attention(q, k, v, scale, mask), lambda q, k, v: reference.attention(q, k, v, scale, mask),
            [q, k, v], dtype, "npu_fusion_attention")
@@ -121,30 +105,62 @@ def test_decoding_with_a_kv_cache_sees_every_cached_key():
 
 
 def test_aquila2_tiny_through_the_npu_plugin_matches_the_reference(megatron_world, tiny_spec):
-    """The npu plugin's kernel set in a whole aquila2-tiny (GQA): logits and every weight gradient equal those of the
-    reference kernels for the same weights (on this CPU, with the stand-in torch_npu)."""
+    """The npu plugin's kernels in a whole aquila2-tiny (GQA), all four on by default (npu_rotary_mul through the
+    plugin's patch of megatron-core's fused-RoPE slot): logits and every weight gradient equal those of the reference
+    kernels for the same weights (on this CPU, with the stand-in torch_npu)."""
     from aquila_npu import plugin_manager
-    from aquila_npu.model import build_gpt_model
+    from aquila_npu.kernels import OPS
 
-    npu_set = plugin_manager.get().kernels("npu")
-    assert npu_set.name == "npu-fused"
-    models = []
-    for kernels in (plugin_manager.get().kernels("cpu"), npu_set):
-        torch.manual_seed(0)
-        model = build_gpt_model(tiny_spec, kernels=kernels, parallel_output=False, params_dtype=torch.float32)
-        models.append(model)
-    models[1].load_state_dict(models[0].state_dict())
-    tokens = torch.randint(0, tiny_spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    positions = torch.arange(16)[None].expand(2, 16)
-    stand_in_torch_npu.calls.clear()
-    outputs = [model(tokens, positions, None) for model in models]
-    used = set(stand_in_torch_npu.calls)
-    assert used == {"npu_rms_norm", "npu_fusion_attention", "npu_swiglu"}
-    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
-    for output in outputs:
-        output.float().logsumexp(-1).sum().backward()
-    grads = [{n: p.grad for n, p in model.named_parameters()} for model in models]
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+    plugins = plugin_manager.get()
+    npu_set = plugins.kernels("npu")
+    assert npu_set.fused == set(OPS) and npu_set.config_overrides()["apply_rope_fusion"] is True
+    registry = plugins.patch_registry("npu")
+    registry.apply()
+    try:
+        same_model_outputs(tiny_spec, npu_set, plugins.kernels("cpu"))
+    finally:
+        registry.revert()
+    assert set(stand_in_torch_npu.calls) == {"npu_rms_norm", "npu_fusion_attention", "npu_swiglu", "npu_rotary_mul"}
 
+
+def test_the_npu_flags_turn_each_fused_kernel_off(megatron_world, tiny_spec):
+    """--no-use-fused-rotary-pos-emb and --no-use-flash-attn: megatron-core's RoPE and attention run, the other two
+    fused kernels still do."""
+    from aquila_npu import plugin_manager
+
+    plugins = plugin_manager.get()
+    kernels = plugins.kernels("npu", {"rotary": False, "attention": False})
+    assert kernels.fused == {"rms_norm", "swiglu"}
+    same_model_outputs(tiny_spec, kernels, plugins.kernels("cpu"))
+    assert set(stand_in_torch_npu.calls) == {"npu_rms_norm", "npu_swiglu"}
+
+
+def test_device_initialisation_contract(tmp_path):
+    """HCCL and the transfer_to_npu bridge, against a stand-in torch_npu runtime (in a fresh process, since it
+    renames torch's PrivateUse1 backend to "npu" as torch_npu does): the npu plugin imports the bridge before
+    anything else touches CUDA names, binds local rank 9 of 8 NPUs to NPU 1, and trains over hccl — the Megatron-LM
+    route keeps Megatron's nccl, which the bridge maps to hccl. The NPU options become the runtime's environment
+    variables (NPU_ASD_ENABLE, HCCL_CONNECT_TIMEOUT) and never reach Megatron-LM's parser."""
+    from conftest import run_python
+
+    script = tmp_path / "contract.py"
+    script.write_text(f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import stand_in_torch_npu
+stand_in_torch_npu.install_runtime(device_count=8)
+from aquila_npu import plugin_manager
+plugins = plugin_manager.get()
+assert plugins.select_device() == "npu", "the npu device is preferred when torch_npu finds an NPU"
+device = plugins.hook.aquila_npu_initialize_device(device="npu", local_rank=9)
+print(device, stand_in_torch_npu.runtime_calls, plugins.backend("npu"),
+      plugins.megatron_defaults("npu")["--distributed-backend"])
+from aquila_npu import megatron_lm
+argv, ours, _ = megatron_lm.expand_argv(["--plugin", "aquila2", "--npu-asd-enable", "2",
+                                         "--hccl-connect-timeout=1200", "--seq-length", "64"], plugins)
+print(sorted(ours.environment.items()), [a for a in argv if "asd" in a or "hccl" in a])
+""")
+    result = run_python(str(script), check=True)
+    assert result.stdout.splitlines() == [
+        "npu:1 ['import transfer_to_npu', 'set_device(1)'] hccl nccl",
+        "[('HCCL_CONNECT_TIMEOUT', '1200'), ('NPU_ASD_ENABLE', '2')] []"], result.stdout

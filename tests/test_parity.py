@@ -50,7 +50,7 @@ def test_every_norm_is_the_device_kernel(megatron_world, tiny_spec):
     from aquila_npu import plugin_manager
     from aquila_npu.model import build_gpt_model
 
-    norm = plugin_manager.get().kernels(megatron_world.device).norm
+    norm = plugin_manager.get().kernels(megatron_world.device).rms_norm.load()
     model = build_gpt_model(tiny_spec)
     from megatron.core.transformer.identity_op import IdentityOp
 

@@ -125,3 +125,21 @@ def test_cli_lists_patches_with_targets_and_reasons():
     assert any("megatron.core.tensor_parallel.random._set_cuda_rng_state" in line for line in lines)
     route = [line for line in lines if "megatron.core.transformer.transformer_block.LayerNormImpl" in line]
     assert route and route[0].startswith("megatron-lm")
+
+
+def test_device_options_become_checked_environment_variables():
+    from aquila_npu import device_options
+
+    options = plugin_manager.get().device_options()
+    assert {o.env for o in options} >= {"NPU_ASD_ENABLE", "NPU_ASD_CONFIG", "HCCL_CONNECT_TIMEOUT"}
+    given = {"--npu-asd-enable": "3", "--hccl-connect-timeout": "600"}
+    assert device_options.environment(given, "npu", options) == {"NPU_ASD_ENABLE": "3", "HCCL_CONNECT_TIMEOUT": "600"}
+    for values, message in (({"--npu-asd-enable": "5"}, "--npu-asd-enable 5: choose one of 0, 1, 2, 3"),
+                            ({"--hccl-connect-timeout": "-1"}, "--hccl-connect-timeout -1: give a whole number"),
+                            ({"--npu-asd-enable": "1"}, None)):
+        if message is None:  # on another device
+            with pytest.raises(AquilaNpuError, match="an option of the npu device; this job runs on cpu"):
+                device_options.environment(values, "cpu", options)
+        else:
+            with pytest.raises(AquilaNpuError, match=message):
+                device_options.environment(values, "npu", options)

@@ -49,13 +49,13 @@ def test_parameter_count_equals_transformers(name, megatron_world):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aquila_npu import layers, weights
-    from aquila_npu.kernels import reference_kernels
+    from aquila_npu.kernels import choose
 
     spec = FAMILY.spec(name)
     config = spec.transformer_config(use_cpu_initialization=True, perform_initialization=False,
                                      params_dtype=torch.float32, fp16=False, bf16=False)
     with torch.device("meta"):
-        ours = GPTModel(config=config, transformer_layer_spec=layers.layer_spec(reference_kernels()),
+        ours = GPTModel(config=config, transformer_layer_spec=layers.layer_spec(choose("cpu", None)),
                         vocab_size=spec.padded_vocab_size(1), max_sequence_length=spec.max_position_embeddings,
                         share_embeddings_and_output_weights=False, position_embedding_type="rope",
                         rotary_base=int(spec.rotary_base))
@@ -68,11 +68,11 @@ def test_rotary_base_reaches_the_model(tiny_spec, megatron_world):
     from megatron.core.models.gpt import GPTModel
 
     from aquila_npu import layers
-    from aquila_npu.kernels import reference_kernels
+    from aquila_npu.kernels import choose
 
     spec = tiny_spec.replace(rotary_base=20000.0)
     model = GPTModel(config=spec.transformer_config(use_cpu_initialization=True),
-                     transformer_layer_spec=layers.layer_spec(reference_kernels()), vocab_size=spec.vocab_size,
+                     transformer_layer_spec=layers.layer_spec(choose("cpu", None)), vocab_size=spec.vocab_size,
                      max_sequence_length=spec.max_position_embeddings, position_embedding_type="rope",
                      rotary_base=int(spec.rotary_base), share_embeddings_and_output_weights=False)
     d = spec.kv_channels

@@ -259,13 +259,21 @@ def test_seed_flag_set_is_accepted(tmp_path):
                   "--distributed-backend", "nccl"]
     losses, output = train(*seed_flags)
     assert list(losses) == [1] and "training from-flags" in output
+    assert "on cpu; fused kernels: attention, rms_norm" in output  # the seed's two switches: PyTorch's CPU kernels
 
 
-@pytest.mark.parametrize("case", ["no dataset", "no checkpoint", "converted checkpoint without --finetune"])
+@pytest.mark.parametrize("case", ["no dataset", "no checkpoint", "converted checkpoint without --finetune",
+                                  "a fused kernel the device lacks", "an option of another device"])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, case, datasets, tiny_hf_dir):
     flags = [*COMMON, "--train-iters", "1", "--data-path", datasets["text"]]
     if case == "no dataset":
         flags[-1], message = str(tmp_path / "nothing_text_document"), "nothing_text_document.bin/.idx; give the prefix"
+    elif case == "a fused kernel the device lacks":
+        flags += ["--use-fused-swiglu"]
+        message = "--use-fused-swiglu: the cpu device has no fused swiglu kernel"
+    elif case == "an option of another device":
+        flags += ["--npu-asd-enable", "2"]
+        message = "--npu-asd-enable is an option of the npu device; this job runs on cpu"
     elif case == "no checkpoint":
         flags += ["--load", str(tmp_path)]
         message = "no latest_checkpointed_iteration.txt there"

@@ -3,10 +3,11 @@
 The seed guide's Aquila2 flag set parses as written. Three kinds of flags:
 
 * flags the driver implements (model, parallelism, batch, optimizer, schedule, data, checkpoints, logging);
-* flags that choose what is already fixed here, accepted so existing scripts run (``--use-flash-attn`` and
-  ``--use-fused-rmsnorm`` pick the device plugin's kernels, which the driver always uses; fusion switches for
-  kernels the local implementation does not have; ``--distributed-backend``, which the device plugin decides,
-  turning the seed's ``nccl`` into ``hccl`` on Ascend and ``gloo`` on a CPU);
+* the kernel switches (``--use-fused-rmsnorm``, ``--use-flash-attn``, ``--use-fused-rotary-pos-emb``,
+  ``--use-fused-swiglu`` and their ``--no-`` forms; ``aquila_npu.kernels``), default: the device's choice;
+* flags that choose what is already fixed here, accepted so existing scripts run (fusion switches for kernels the
+  local implementation does not have; ``--distributed-backend``, which the device plugin decides, turning the
+  seed's ``nccl`` into ``hccl`` on Ascend and ``gloo`` on a CPU);
 * anything else: argparse's one-line "unrecognized arguments" error, never silently ignored.
 """
 
@@ -14,11 +15,11 @@ from __future__ import annotations
 
 import argparse
 
+from aquila_npu import device_options, kernels, plugin_manager
 from aquila_npu.errors import AquilaNpuError
 
 # flags accepted for compatibility: what they ask for is what the driver does anyway (see the module docstring)
 ACCEPTED_SWITCHES = (
-    "--use-flash-attn", "--use-fused-rmsnorm", "--use-fused-rotary-pos-emb", "--use-fused-swiglu",
     "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion", "--no-bias-gelu-fusion",
     "--no-bias-dropout-fusion", "--no-rope-fusion", "--no-persist-layer-norm", "--attention-softmax-in-fp32",
     "--use-mcore-models", "--use-cpu-initialization", "--tokenizer-not-use-fast",
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument(flag, default=None, help=f"accepted for Megatron-LM scripts{f' (must be {required})' if required else ''}")
     for flag in ACCEPTED_SWITCHES:
         g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    kernels.add_arguments(p)
+    device_options.add_arguments(p, plugin_manager.get().device_options())
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from aquila_npu import distributed, plugin_manager
+from aquila_npu import device_options, distributed, kernels, plugin_manager
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.specs import ModelSpec
 from aquila_npu.training import checkpointing, data
@@ -80,7 +80,9 @@ class Trainer:
                                      f"must divide the {per_stage} layers of a stage")
             self.vp = per_stage // args.num_layers_per_virtual_pipeline_stage
         self.world = distributed.initialize(args.device, tp, pp, seed=args.seed,
-                                            virtual_pipeline_model_parallel_size=self.vp)
+                                            virtual_pipeline_model_parallel_size=self.vp,
+                                            kernels=kernels.request_from_args(args),
+                                            device_options=device_options.given(args, self.plugins.device_options()))
         from megatron.core import parallel_state
 
         _set_random_seed(args.seed)
@@ -248,7 +250,8 @@ class Trainer:
         _print_last(f"training {self.spec.name}: TP={args.tensor_model_parallel_size} "
                     f"PP={args.pipeline_model_parallel_size}{f' VP={self.vp}' if self.vp else ''} DP={self.dp}, "
                     f"{self.num_microbatches} micro-batches of {args.micro_batch_size} x {args.seq_length} tokens, "
-                    f"{_dtype_name(args)}, on {self.world.device}")
+                    f"{_dtype_name(args)}, on {self.world.device}; fused kernels: "
+                    f"{', '.join(sorted(self.world.kernels.fused)) or 'none'}")
         while iteration < args.train_iters:
             total, grad_norm, skipped = self.train_step(iterators)
             iteration += 1

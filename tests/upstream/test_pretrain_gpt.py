@@ -28,15 +28,25 @@ def test_pretrain_gpt_runs_with_the_plugin_at_tp2(tmp_path, tokenizer_dir):
         "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
         "--lr", "1e-4", "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "0",
         "--save", str(tmp_path / "ckpt"), "--save-interval", "3", "--ckpt-format", "torch_dist",
-        cwd=MEGATRON_LM_PATH, timeout=900)
+        "--use-flash-attn", "--use-fused-rmsnorm", cwd=MEGATRON_LM_PATH, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     losses = [(int(m.group(1)), float(m.group(3))) for m in LOSS.finditer(output)]
     assert [i for i, _ in losses] == [1, 2, 3]
     assert all(math.isfinite(loss) and 5 < loss < 13 for _, loss in losses)
-    assert "aquila-npu: plugins aquila2 on" in output
+    assert "aquila-npu: plugins aquila2 on" in output and "fused kernels: attention, rms_norm;" in output
     # torch_dist save ran (in every process of the job) and completed
     assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def test_a_fused_kernel_the_device_lacks_stops_the_job_at_start_up(tokenizer_dir):
+    result = run_python(str(Path(MEGATRON_LM_PATH) / "pretrain_gpt.py"), "--plugin", "aquila2", "--model",
+                        "aquila2-tiny", "--device", "cpu", "--use-fused-rotary-pos-emb", "--mock-data",
+                        cwd=MEGATRON_LM_PATH, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("aquila-npu: error: --use-fused-rotary-pos-emb: the cpu device has no fused "
+                                     "rotary kernel (its fused kernels: --use-fused-rmsnorm, --use-flash-attn); drop "
+                                     "the flag, or run on a device that has one (see `aquila-npu doctor`)")
 
 
 def _first_loss(output: str) -> float:
