@@ -2,8 +2,8 @@
 
 Fused kernels, all on by default: Transformer Engine's RMSNorm and fused RoPE when it is installed (megatron-core's
 own ``TENorm`` and ``apply_rope_fusion`` path); otherwise PyTorch's ``rms_norm`` and no fused RoPE. Attention is
-PyTorch's scaled-dot-product attention (its FlashAttention-2 backend for causal training); SwiGLU is megatron-core's
-fused bias-SwiGLU (``torch.compile``).
+flash-attn's ``flash_attn_func`` when installed, else PyTorch's scaled-dot-product attention (its FlashAttention-2
+backend for causal training); SwiGLU is megatron-core's fused bias-SwiGLU (``torch.compile``).
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ def aquila_npu_kernels(device):
     offered = pytorch_kernels(default=True)
     offered["swiglu"] = Kernel("megatron-core fused bias-SwiGLU (torch.compile)", None,
                                {"bias_activation_fusion": True, "use_te_activation_func": False})
+    if importlib.util.find_spec("flash_attn") is not None:
+        offered["attention"] = Kernel("flash-attn flash_attn_func (SDPA for masked or fp32 calls)",
+                                      "aquila_npu.kernels.flash.FlashAttnAttention")
     if _transformer_engine_installed():
         offered["rms_norm"] = Kernel("Transformer Engine RMSNorm (megatron-core TENorm)",
                                      "megatron.core.extensions.transformer_engine.TENorm")

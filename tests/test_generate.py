@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -251,7 +252,7 @@ def test_cli_hf_folder_prompts_from_stdin_with_fused_kernels(hf_dir, tokenizer_d
                   "--greedy", "--max-new-tokens", str(NEW_TOKENS), "--output", str(out), "--use-flash-attn",
                   "--use-fused-rmsnorm", stdin="\n".join(PROMPTS))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "on cpu (TP=1); fused kernels: attention, rms_norm" in result.stderr
+    assert {"attention", "rms_norm"} <= set(re.search(r"fused kernels: (.*)", result.stderr).group(1).split(", "))
     assert [r["tokens"] for r in _read_jsonl(out)] == reference
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
 

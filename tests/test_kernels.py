@@ -96,6 +96,32 @@ def test_the_rotary_slot_adapter_equals_megatron_cores_rope(rot_dim):
                           [torch.randn(s, 3, 5, d)], torch.float32)
 
 
+@pytest.mark.parametrize("heads, groups", [(6, 2), (4, 4), (8, 1)])
+@pytest.mark.parametrize("sq, sk", [(9, 9), (1, 6), (3, 7)])
+def test_flash_attn_contract(monkeypatch, heads, groups, sq, sk):
+    """Contract test (flash-attn needs a GPU): against a stand-in flash_attn (tests/stand_in_flash_attn.py) that
+    implements flash_attn_func's documented conventions with reference math and asserts them, the flash kernel
+    equals the reference in bf16 for training (sq = sk) and decoding shapes; a masked or fp32 call never reaches
+    flash-attn (SDPA takes it)."""
+    import sys
+
+    import stand_in_flash_attn
+
+    from aquila_npu.kernels import flash, reference
+
+    monkeypatch.setitem(sys.modules, "flash_attn", stand_in_flash_attn)
+    stand_in_flash_attn.calls.clear()
+    q, _, _, _ = attention_inputs(sq, 2, heads, groups, 16, False, seed=7)
+    _, k, v, _ = attention_inputs(sk, 2, heads, groups, 16, False, seed=8)
+    mask = reference.causal_mask(sq, sk)
+    same_forward_backward(lambda q, k, v: flash.attention(q, k, v, 0.25), lambda q, k, v: reference.attention(
+        q, k, v, 0.25, mask), [q, k, v], torch.bfloat16)
+    assert stand_in_flash_attn.calls == ["flash_attn_func"]
+    flash.attention(q, k, v, 0.25)  # fp32
+    flash.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.25, mask)  # masked
+    assert stand_in_flash_attn.calls == ["flash_attn_func"]
+
+
 # ------------------------------------------------------------------ choosing kernels
 def test_each_device_has_its_defaults_and_flags_choose():
     from aquila_npu import plugin_manager

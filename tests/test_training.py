@@ -259,7 +259,8 @@ def test_seed_flag_set_is_accepted(tmp_path):
                   "--distributed-backend", "nccl"]
     losses, output = train(*seed_flags)
     assert list(losses) == [1] and "training from-flags" in output
-    assert "on cpu; fused kernels: attention, rms_norm" in output  # the seed's two switches: PyTorch's CPU kernels
+    fused = re.search(r"; fused kernels: (.*)", output).group(1).split(", ")
+    assert {"attention", "rms_norm"} <= set(fused)  # the seed's two switches (on a CPU: PyTorch's kernels)
 
 
 @pytest.mark.parametrize("case", ["no dataset", "no checkpoint", "converted checkpoint without --finetune",
