@@ -49,11 +49,14 @@ def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, p
     ``aquila_npu.device_options``), set as environment variables before the device starts. A flag the device cannot
     honour fails here, before anything is initialised."""
     global _world
+    plugins = plugin_manager.get()
     if _world is not None:
+        if kernels and plugins.kernels(_world.device, kernels) != _world.kernels:
+            raise AquilaNpuError("this process's megatron world was initialised with other kernels; choose the "
+                                 "kernels in the first call (or shut the world down first)")
         return _world
     import torch.distributed as dist
 
-    plugins = plugin_manager.get()
     device = plugins.select_device(device)
     kernel_set = plugins.kernels(device, kernels)
     os.environ.update(options.environment(device_options or {}, device, plugins.device_options()))

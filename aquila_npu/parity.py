@@ -15,6 +15,8 @@ import sys
 
 import torch
 
+from aquila_npu import kernels
+
 SAMPLE_TEXTS = (
     "Aquila2 is a family of bilingual language models trained by the Beijing Academy of Artificial Intelligence.",
     "悟道·天鹰（Aquila2）是北京智源人工智能研究院发布的中英双语大语言模型，支持长文本和多轮对话。",
@@ -160,15 +162,23 @@ def main(argv=None) -> int:
     parser.add_argument("--tensor-model-parallel-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)))
     parser.add_argument("--device", default=None)
     parser.add_argument("--sequence-parallel", action="store_true")
+    kernels.add_arguments(parser)
     args = parser.parse_args(argv)
 
+    from aquila_npu import distributed
+
+    return distributed.run_command("parity", lambda: _write_logits(args))
+
+
+def _write_logits(args) -> None:
     from safetensors.torch import save_file
 
     from aquila_npu import distributed
 
     with open(args.tokens, encoding="utf-8") as f:
         tokens = torch.tensor(json.load(f), dtype=torch.long)
-    with distributed.megatron_world(device=args.device, tensor_model_parallel_size=args.tensor_model_parallel_size):
+    with distributed.megatron_world(device=args.device, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                    kernels=kernels.request_from_args(args)):
         if args.hf_dir:
             logits = megatron_logits(args.hf_dir, tokens, args.sequence_parallel)
         else:
@@ -177,7 +187,6 @@ def main(argv=None) -> int:
             tmp = args.out + ".tmp"
             save_file({"logits": logits.contiguous()}, tmp)
             os.replace(tmp, args.out)
-    return 0
 
 
 if __name__ == "__main__":

@@ -208,10 +208,10 @@ def _same_tensors(a: str, b: str) -> bool:
 
 
 def _megatron_logits(model_dir: str, tokens_file: str, out: str, tp: int, device: str | None,
-                     source: str = "--hf-dir"):
+                     source: str = "--hf-dir", flags: tuple[str, ...] = ()):
     from safetensors.torch import load_file
 
-    command = ["-m", "aquila_npu.parity", source, model_dir, "--tokens", tokens_file, "--out", out]
+    command = ["-m", "aquila_npu.parity", source, model_dir, "--tokens", tokens_file, "--out", out, *flags]
     if device:
         command += ["--device", device]
     _run_step(_python(tp) + command, f"megatron-core at TP={tp}", threads=1)
@@ -226,7 +226,7 @@ def _default_model(plugins) -> str:
 
 
 def run(options: QuickstartOptions) -> int:
-    from aquila_npu import parity, plugin_manager
+    from aquila_npu import kernels, parity, plugin_manager
 
     plugins = plugin_manager.get()
     device = plugins.select_device(options.device)
@@ -268,6 +268,15 @@ def run(options: QuickstartOptions) -> int:
     ok = diff <= PARITY_TOLERANCE_HF
     stage("megatron-core TP=1", f"max |logit diff| vs transformers {diff:.2e} (tolerance {PARITY_TOLERANCE_HF:g})",
           t, ok)
+
+    t = time.perf_counter()
+    offered = [op for op in kernels.OPS if op in (plugins.hook.aquila_npu_kernels(device=device) or {})]
+    fused = _megatron_logits(hf_dir, tokens_file, str(work / "logits-fused.safetensors"), 1, options.device,
+                             flags=tuple(kernels.FLAGS[op] for op in offered))
+    diff = (fused - reference).abs().max().item()
+    ok = diff <= PARITY_TOLERANCE_HF
+    stage("fused kernels", f"every fused kernel the {device} device has ({', '.join(offered) or 'none'}): max |logit "
+                           f"diff| vs transformers {diff:.2e}", t, ok)
 
     if not options.skip_tp2:
         t = time.perf_counter()

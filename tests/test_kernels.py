@@ -190,3 +190,13 @@ def test_aquila2_tiny_with_the_cuda_kernel_set_matches_the_reference(megatron_wo
     swiglus = _count_calls(monkeypatch, mlp, "bias_swiglu_impl")
     same_model_outputs(tiny_spec, kernels, plugins.kernels("cpu"))
     assert len(swiglus) == tiny_spec.num_layers  # megatron-core's fused path ran (the reference model's did not)
+
+
+def test_a_world_keeps_the_kernels_it_was_made_with(megatron_world):
+    """Joining this process's megatron world with other kernel flags is an error, not silently the old kernels."""
+    from aquila_npu import distributed
+    from aquila_npu.errors import AquilaNpuError
+
+    assert distributed.initialize(kernels={"attention": False}) is megatron_world  # the same choice: joins
+    with pytest.raises(AquilaNpuError, match="initialised with other kernels"):
+        distributed.initialize(kernels={"attention": True})

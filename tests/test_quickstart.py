@@ -11,8 +11,9 @@ from conftest import run_python
 def test_quickstart_runs_every_stage(tmp_path):
     result = run_python("-m", "aquila_npu", "quickstart", "--workdir", str(tmp_path / "qs"), check=True)
     out = result.stdout
-    for stage in ("model", "tokenize", "transformers", "megatron-core TP=1", "megatron-core TP=2", "convert",
-                  "load converted TP=2", "preprocess", "pretrain", "finetune", "convert trained"):
+    for stage in ("model", "tokenize", "transformers", "megatron-core TP=1", "fused kernels", "megatron-core TP=2",
+                  "convert", "load converted TP=2", "preprocess", "pretrain", "finetune", "convert trained",
+                  "generate", "chat", "evaluate"):
         assert f"[ok] {stage}:" in out
     assert out.strip().endswith("quickstart passed")
 
