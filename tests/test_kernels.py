@@ -197,6 +197,7 @@ def test_a_world_keeps_the_kernels_it_was_made_with(megatron_world):
     from aquila_npu import distributed
     from aquila_npu.errors import AquilaNpuError
 
-    assert distributed.initialize(kernels={"attention": False}) is megatron_world  # the same choice: joins
+    fused = "attention" in megatron_world.kernels.fused
+    assert distributed.initialize(kernels={"attention": fused}) is megatron_world  # the same choice: joins
     with pytest.raises(AquilaNpuError, match="initialised with other kernels"):
-        distributed.initialize(kernels={"attention": True})
+        distributed.initialize(kernels={"attention": not fused})
