@@ -7,7 +7,7 @@ generated tokens over the wall time of the generate call (the model already load
 timed calls (taken in turns) after one warm-up call each. Target (issue 6): ours / transformers >= 1.0.
 
     python benchmarks/generate.py [--device cpu|cuda] [--models aquila2-tiny,small,medium] [--batches 1,8]
-        [--new-tokens 64] [--dtype fp32|bf16] [--repeat 3]
+        [--new-tokens 64] [--dtype fp32|bf16] [--repeat 3] [--fused-kernels]
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--fused-kernels", action="store_true",
+                        help="ours with every fused kernel the device has (default: the device's defaults)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
 
@@ -108,6 +110,9 @@ def main() -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     batches = [int(b) for b in args.batches.split(",")]
     texts = prompts(max(batches))
+    device_name = plugin_manager.get().select_device(args.device)
+    offered = plugin_manager.get().hook.aquila_npu_kernels(device=device_name) or {}
+    kernels = {op: True for op in offered} if args.fused_kernels else None
     rows = []
     for name in args.models.split(","):
         spec = tiny if name == "aquila2-tiny" else tiny.replace(**SIZES[name])
@@ -116,7 +121,7 @@ def main() -> None:
         hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
         generator = TextGenerator(GenerateOptions(load=folder, load_model_type="hf", tokenizer_name_or_path=tokenizer_dir,
                                                   model=None, device=args.device, params_dtype=args.dtype,
-                                                  max_batch_size=max(batches)))
+                                                  max_batch_size=max(batches), kernels=kernels))
         params = sum(p.numel() for p in hf.parameters()) / 1e6
         for batch in batches:
             rates = median_rates({"ours": ours_runner(generator, texts[:batch], args.new_tokens),
