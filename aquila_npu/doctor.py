@@ -3,8 +3,8 @@
 It reports the versions that matter (Python, torch, torch_npu, CANN, CUDA, megatron-core, transformers), every
 device plugin's verdict on this machine (available, or why not) with its distributed backend, which implementation
 each kernel seam of the layer uses on each device (by default, and under its flag), and a list of what is missing
-before Aquila2 can run on an Ascend NPU. It only looks: nothing is initialised, no device memory is touched, and it never fails on a machine
-that lacks something — that is what it reports.
+before Aquila2 can run on an Ascend NPU. It only looks: nothing is initialised, no device memory is touched, and it
+never fails on a machine that lacks something — that is what it reports.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def kernel_rows(device: str, plugins) -> list[dict]:
     """Per op: its flag, what runs without the flag, and the device's fused kernel (what the flag selects)."""
     from aquila_npu.kernels import FLAGS, OPS
 
-    offered = plugins.hook.aquila_npu_kernels(device=device) or {}
+    offered = plugins.fused_kernels(device)
     default = plugins.kernels(device).describe()
     return [{"device": device, "op": op, "flag": FLAGS[op], "without the flag": default[op],
              "fused kernel": offered[op].name if op in offered else "none (the flag is an error)"} for op in OPS]

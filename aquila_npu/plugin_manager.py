@@ -112,12 +112,16 @@ class Plugins:
     def backend(self, device: str) -> str:
         return self.hook.aquila_npu_distributed_backend(device=device)
 
+    def fused_kernels(self, device: str) -> dict:
+        """The fused kernels ``device`` offers, ``{op: Kernel}`` (empty when it has none)."""
+        return dict(self.hook.aquila_npu_kernels(device=device) or {})
+
     def kernels(self, device: str, requested: dict[str, bool | None] | None = None):
         """The ``KernelSet`` for ``device``: its fused kernels where ``requested`` (``{op: True/False/None}``, None:
         the device's default) asks for them, the reference elsewhere. Asking for one it lacks is an error."""
         from aquila_npu import kernels
 
-        return kernels.choose(device, self.hook.aquila_npu_kernels(device=device), requested)
+        return kernels.choose(device, self.fused_kernels(device), requested)
 
     def device_options(self) -> list:
         """Every device's runtime options (``DeviceOption``), for the parsers of every route."""

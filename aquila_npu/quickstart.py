@@ -270,7 +270,7 @@ def run(options: QuickstartOptions) -> int:
           t, ok)
 
     t = time.perf_counter()
-    offered = [op for op in kernels.OPS if op in (plugins.hook.aquila_npu_kernels(device=device) or {})]
+    offered = [op for op in kernels.OPS if op in plugins.fused_kernels(device)]
     fused = _megatron_logits(hf_dir, tokens_file, str(work / "logits-fused.safetensors"), 1, options.device,
                              flags=tuple(kernels.FLAGS[op] for op in offered))
     diff = (fused - reference).abs().max().item()

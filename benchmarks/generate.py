@@ -106,13 +106,14 @@ def main() -> None:
 
     tokenizer_dir = str(sample("aquila2_tokenizer"))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    family, tiny = plugin_manager.get().find_model("aquila2-tiny")
+    plugins = plugin_manager.get()
+    family, tiny = plugins.find_model("aquila2-tiny")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     batches = [int(b) for b in args.batches.split(",")]
     texts = prompts(max(batches))
-    device_name = plugin_manager.get().select_device(args.device)
-    offered = plugin_manager.get().hook.aquila_npu_kernels(device=device_name) or {}
-    kernels = {op: True for op in offered} if args.fused_kernels else None
+    # --fused-kernels: every fused kernel the device has; otherwise the device's defaults
+    kernels = {op: True for op in plugins.fused_kernels(plugins.select_device(args.device))} \
+        if args.fused_kernels else None
     rows = []
     for name in args.models.split(","):
         spec = tiny if name == "aquila2-tiny" else tiny.replace(**SIZES[name])
