@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import USER_ERRORS
 
 
 def _table(rows: list[dict], columns: list[str]) -> str:
@@ -48,9 +48,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         finally:
             if route:
                 plugins.pm.unregister(name="megatron-lm")
+        from aquila_npu import unpickling
+        from aquila_npu.patching import PatchRegistry
+
+        loading = PatchRegistry()
+        unpickling.register_patches(loading)
         print(f"patches registered for device {device} ({len(registry)}; owner megatron-lm: on the "
-              f"pretrain_gpt.py --plugin route only):")
-        print(_table(registry.rows(), ["owner", "target", "reason"]))
+              f"pretrain_gpt.py --plugin route only; owner aquila-npu: on every device, before a checkpoint is "
+              f"opened):")
+        print(_table(registry.rows() + loading.rows(), ["owner", "target", "reason"]))
         return 0
     if args.model:
         family, spec = plugins.find_model(args.model, selected)
@@ -91,7 +97,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     return quickstart.run(quickstart.QuickstartOptions(
         workdir=args.workdir, tokenizer=args.tokenizer, device=args.device, skip_tp2=args.skip_tp2, model=args.model,
-        alpaca=args.alpaca))
+        alpaca=args.alpaca, stop_after=args.stop_after))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -121,8 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="cpu, cuda or npu (default: automatic)")
     q.add_argument("--model", default=None, help="model spec (default: the model family's smoke-test model)")
     q.add_argument("--skip-tp2", action="store_true", help="skip the two-process tensor-parallel stage")
-    q.add_argument("--alpaca", default=None, help="Alpaca parquet for the preprocessing stage (default: the shared "
-                                                  "5,000 records, else the bundled sample)")
+    q.add_argument("--alpaca", default=None, help="Alpaca parquet for the preprocessing stage (default: the 300 "
+                                                  "records of the sample data)")
+    q.add_argument("--stop-after", default=None, metavar="STAGE",
+                   help="run the stages up to this one only (model, tokenize, transformers, tp1, fused, tp2, convert, "
+                        "load-tp2, preprocess, pretrain, finetune, convert-trained, generate, chat, evaluate)")
     q.set_defaults(func=cmd_quickstart)
     d = sub.add_parser("doctor", help="versions, devices, kernels, and what the NPU path lacks here")
     d.set_defaults(func=cmd_doctor)
@@ -144,7 +153,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except AquilaNpuError as exc:
+    except USER_ERRORS as exc:
         print(f"aquila-npu: error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,7 +5,8 @@ The ``.pth`` imports this module only when ``--plugin`` is on the command line o
 
 * in a Megatron-LM script (``torchrun pretrain_gpt.py --plugin FAMILY --model NAME ...``): expand
   ``sys.argv`` into Megatron-LM's flags (``aquila_npu.megatron_lm``), select the device, export the choice to child
-  processes, and register the device's patches;
+  processes, register the device's patches and those that keep checkpoint loading to data
+  (``aquila_npu.unpickling``), and report our errors in one line;
 * in a child process of such a job (``torch_dist`` checkpoint savers, data-loader workers started by spawn):
   register the same patches;
 * anywhere else (our own ``python -m aquila_npu...`` drivers, the ``torchrun`` launcher): nothing.
@@ -20,7 +21,7 @@ import os
 import sys
 
 from aquila_npu import plugin_manager
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import USER_ERRORS
 
 registry = None  # the applied PatchRegistry of this process, for `aquila-npu plugins --patches` and tests
 
@@ -33,10 +34,29 @@ def _is_megatron_script(argv: list[str], orig_argv: list[str]) -> bool:
 
 def _activate(device: str) -> None:
     global registry
+    from aquila_npu import unpickling
+
+    unpickling.install()
     plugins = plugin_manager.get()
     plugin_manager.set_active_device(device)
     registry = plugins.patch_registry(device)
     registry.apply()
+
+
+def _one_line_for_our_errors(default):
+    """Megatron-LM lets exceptions end the script; ours (a refused checkpoint file, a bad flag) are one line and
+    exit status 2 there too, however deep inside Megatron-LM they were raised."""
+    def excepthook(kind, exc, tb):
+        from aquila_npu.convert.megatron_dist import first_failure
+
+        cause = first_failure(exc)
+        if isinstance(cause, USER_ERRORS):
+            # the process's own stderr: Megatron-LM may have redirected sys.stderr while the error rose
+            print(f"aquila-npu: error: {cause}", file=sys.__stderr__, flush=True)
+            os._exit(2)
+        default(kind, exc, tb)
+
+    return excepthook
 
 
 def main() -> None:
@@ -54,6 +74,7 @@ def main() -> None:
         os.environ[plugin_manager.ENV_KERNELS] = plugin_manager.encode_kernel_request(ours.kernels)
         os.environ.update(ours.environment)  # the device options, before the device runtime starts
         _activate(device)
+        sys.excepthook = _one_line_for_our_errors(sys.excepthook)
         plugins.hook.aquila_npu_initialize_device(device=device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
         if int(os.environ.get("RANK", "0")) == 0:
             fused = ", ".join(sorted(plugin_manager.active_kernels().fused)) or "none"
@@ -68,7 +89,7 @@ def main() -> None:
 
 try:
     main()
-except AquilaNpuError as exc:
+except USER_ERRORS as exc:
     print(f"aquila-npu: error: {exc}", file=sys.stderr, flush=True)
     # SystemExit cannot leave a .pth file cleanly (Python reports a fatal error in `site`)
     os._exit(2)

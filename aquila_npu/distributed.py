@@ -16,7 +16,7 @@ from typing import Callable
 
 from aquila_npu import device_options as options
 from aquila_npu import plugin_manager
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import USER_ERRORS, AquilaNpuError, os_error_message
 from aquila_npu.patching import PatchRegistry
 
 
@@ -103,15 +103,26 @@ def shutdown() -> None:
         _world = None
 
 
-def run_command(name: str, body: Callable[[], None]) -> int:
-    """Run a command-line verb: 0 when ``body`` returns; a user error (``AquilaNpuError``) is one line on stderr and
-    exit status 2, never a traceback; the megatron world the verb brought up is torn down either way."""
+def run_command(name: str, body: Callable[[], None], interrupted: str = "") -> int:
+    """Run a command-line verb: 0 when ``body`` returns; a user error (``AquilaNpuError``) or a file-system failure
+    (a full disk, a read-only or forbidden location) is one line on stderr and exit status 2, never a traceback;
+    Ctrl-C is one line (``interrupted`` says what it left) and 130. The megatron world the verb brought up is torn
+    down either way. Upstream warnings that do not concern the user are silenced (``aquila_npu.known_warnings``)."""
+    from aquila_npu import known_warnings
+
+    known_warnings.silence()
     try:
         body()
         return 0
-    except AquilaNpuError as exc:
+    except USER_ERRORS as exc:
         print(f"aquila-npu {name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"aquila-npu {name}: error: {os_error_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aquila-npu {name}: interrupted{'; ' + interrupted if interrupted else ''}", file=sys.stderr)
+        return 130
     finally:
         if _world is not None:
             shutdown()

@@ -99,8 +99,8 @@ def npu_missing(report: Report, cann: str | None) -> list[str]:
         missing.append(f"the CANN toolkit: install it and `source set_env.sh` (looked at ${' / $'.join(CANN_HOMES)} "
                        f"and {CANN_DEFAULT_HOME})")
     if importlib.util.find_spec("torch_npu") is None:
-        missing.append("torch_npu: `pip install aquila-npu[npu]` (a build matching torch "
-                       f"{report.versions['torch'].split('+')[0]})")
+        missing.append("torch_npu: `pip install \"aquila-npu[npu]\"`, or `pip install -e \".[npu]\"` in a checkout (a "
+                       f"build matching torch {report.versions['torch'].split('+')[0]})")
     else:
         torch_major_minor = ".".join(report.versions["torch"].split("+")[0].split(".")[:2])
         npu_version = report.versions["torch_npu"]

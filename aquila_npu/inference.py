@@ -129,15 +129,6 @@ def model_options_from_args(args) -> dict:
                 device_options=device_options.given(args, plugin_manager.get().device_options()))
 
 
-def quiet_library_warnings() -> None:
-    """megatron-core's import-time notes ("Apex is not installed ...") and torch's deprecation notices would
-    interleave with a command's own output."""
-    import warnings
-
-    warnings.filterwarnings("ignore", module=r"megatron\.")
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-
-
 def resolve_spec(load: str, load_model_type: str, model_name: str | None, plugins, plugin_names=None):
     """(spec, opened Megatron checkpoint or None) for the checkpoint at ``load``: the named spec, else the one its
     config.json / saved arguments describe (a Megatron checkpoint opened for that is handed on, not reopened)."""
@@ -193,9 +184,9 @@ def load_model(load: str, load_model_type: str, spec, params_dtype: str | None =
     dtype = DTYPES[params_dtype] if params_dtype else stored
     model = build_gpt_model(spec, parallel_output=False, params_dtype=dtype).eval()
     if kind == "torch_dist":
-        from megatron.core import dist_checkpointing
+        from aquila_npu.convert import megatron_dist
 
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, source.root)
+        loaded = megatron_dist.load({"model": model.sharded_state_dict()}, source.root)
         model.load_state_dict(loaded["model"], strict=True)
     else:
         by_name = _ByName(source)

@@ -6,6 +6,7 @@ Precedence, highest first: the user's flags, the model spec's architecture flags
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from aquila_npu import device_options
@@ -120,7 +121,6 @@ def _wheel_dataset_helpers() -> str | None:
 
 def _checkout_has_helpers(script: str) -> bool:
     import glob
-    import os
 
     return bool(glob.glob(os.path.join(os.path.dirname(os.path.abspath(script)), "megatron", "core", "datasets",
                                        "helpers_cpp*.so")))
@@ -148,7 +148,8 @@ def aquila_npu_register_patches(registry, device):
     registry.register(
         "megatron.training.arguments.parse_args", _parse_args_with_plugins, owner="megatron-lm",
         reason="Megatron-LM's parser takes one extra_args_provider; chain the plugins' aquila_npu_add_arguments "
-               "hook (--is-instruction-dataset) after the script's own")
+               "hook (--is-instruction-dataset) after the script's own; check that --save is writable before "
+               "training, not at the first save")
     registry.register(
         "megatron.training.training.build_train_valid_test_datasets", _instruction_datasets_when_asked,
         owner="megatron-lm",
@@ -195,7 +196,12 @@ def _parse_args_with_plugins(original):
             plugin_manager.get().hook.aquila_npu_add_arguments(parser=parser)
             return parser
 
-        return original(provider, ignore_unknown_args)
+        args = original(provider, ignore_unknown_args)
+        if getattr(args, "save", None) and int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            from aquila_npu.files import check_writable_folder
+
+            check_writable_folder(args.save, "--save")  # now, not after the last iteration
+        return args
 
     return parse_args
 

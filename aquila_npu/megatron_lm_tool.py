@@ -27,6 +27,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"aquila-npu megatron_lm_tool: error: {exc}")
     plugin_manager.set_active_device(device)
     plugins.patch_registry(device).apply()
+    from aquila_npu import unpickling
+
+    unpickling.install()  # a tool that loads a checkpoint unpickles data only, as our commands do
     script = os.path.abspath(argv[0])
     # the checkout root: tools/SCRIPT.py -> the folder that holds megatron/
     sys.path.insert(0, os.path.dirname(os.path.dirname(script)))

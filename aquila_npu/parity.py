@@ -131,8 +131,9 @@ def megatron_checkpoint_logits(load_dir: str, tokens: torch.Tensor) -> torch.Ten
 
     from aquila_npu.convert import open_megatron
     from aquila_npu.convert.megatron_dist import MegatronDistCheckpoint
-    from aquila_npu.convert.megatron_format import _safe_load, rank_dir
+    from aquila_npu.convert.megatron_format import rank_dir
     from aquila_npu.model import build_gpt_model, full_vocab_logits
+    from aquila_npu.unpickling import load_weights_only
 
     checkpoint = open_megatron(load_dir)
     tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
@@ -145,7 +146,8 @@ def megatron_checkpoint_logits(load_dir: str, tokens: torch.Tensor) -> torch.Ten
         if (checkpoint.parallel.tp, checkpoint.parallel.pp) != (tp, 1):
             raise ValueError(f"{load_dir} is split TP{checkpoint.parallel.tp}/PP{checkpoint.parallel.pp}; "
                              f"run at TP{tp}")
-        state = _safe_load(os.path.join(checkpoint.root, rank_dir(rank, 0, 1), "model_optim_rng.pt"))["model"]
+        path = os.path.join(checkpoint.root, rank_dir(rank, 0, 1), "model_optim_rng.pt")
+        state = load_weights_only(path)["model"]
         model = build_gpt_model(checkpoint.spec, parallel_output=False,
                                 params_dtype=next(iter(state.values())).dtype).eval()
         model.load_state_dict(state, strict=True)

@@ -1,14 +1,15 @@
-"""The CPU quickstart: the seed workflow end to end on the model family's tiny model, stage by stage.
+"""The CPU quickstart: the seed workflow end to end on the model family's tiny model, stage by stage (``STAGES``).
 
-Stages so far: a random Hugging Face checkpoint of the family's tiny model, its tokenizer, the megatron-core model
-from our spec (one process, then two tensor-parallel processes) against ``transformers``, weight conversion
-HF -> Megatron TP=2 -> HF (bit-exact) with megatron-core loading the converted checkpoint, and data preprocessing
-(Alpaca -> pretraining and instruction datasets, read back with megatron-core's IndexedDataset), pretraining and
-instruction fine-tuning with the megatron-core driver, and the fine-tuned checkpoint converted back to Hugging Face
-(--verify), then generation on megatron-core's inference engine (greedy completions of the converted checkpoint
-against ``transformers``' ``generate``, and a chat turn of the fine-tuned model), and BoolQ evaluation of the
-converted checkpoint against ``transformers`` scored lm-evaluation-harness's way.
-"""
+A random Hugging Face checkpoint of the family's tiny model, its tokenizer, the megatron-core model from our spec
+(one process, then two tensor-parallel processes) against ``transformers``, weight conversion HF -> Megatron TP=2 ->
+HF (bit-exact) with megatron-core loading the converted checkpoint, data preprocessing (Alpaca -> pretraining and
+instruction datasets, read back with megatron-core's IndexedDataset), pretraining and instruction fine-tuning with
+the megatron-core driver, the fine-tuned checkpoint converted back to Hugging Face (--verify), generation on
+megatron-core's inference engine (greedy completions of the converted checkpoint against ``transformers``'
+``generate``, and a chat turn of the fine-tuned model), and BoolQ evaluation of the converted checkpoint against
+``transformers`` scored lm-evaluation-harness's way. The data comes from the installed sample data
+(``aquila_npu.sample_data``), so it runs in any folder. Each stage announces itself when it starts; the long ones
+show a progress bar."""
 
 from __future__ import annotations
 
@@ -22,9 +23,6 @@ from pathlib import Path
 
 from aquila_npu.errors import AquilaNpuError
 
-# sample data: the repository's examples/data (source checkout or current folder), then the shared data set
-DATA_ROOTS = (Path(__file__).resolve().parent.parent / "examples" / "data", Path("examples") / "data",
-              Path("..") / "shared" / "data")
 PARITY_TOLERANCE_HF = 1e-4  # megatron-core vs transformers, fp32
 PARITY_TOLERANCE_TP = 1e-5  # TP=2 vs TP=1, fp32
 
@@ -36,17 +34,19 @@ class QuickstartOptions:
     device: str | None = None
     skip_tp2: bool = False
     model: str | None = None  # default: the smoke-test model of the installed model family
-    alpaca: str | None = None  # Alpaca parquet; default: the shared 5,000 records, else the bundled 300
+    alpaca: str | None = None  # Alpaca parquet; default: the 300 records of the sample data
+    stop_after: str | None = None  # a stage key (STAGE_KEYS): the stages up to it only
 
 
-def _alpaca_parquet(option: str | None) -> str:
-    candidates = [option] if option else [str(root / "alpaca" / name) for name in ("alpaca_5000.parquet",
-                                                                                   "alpaca_300.parquet")
-                                          for root in reversed(DATA_ROOTS)]
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    raise AquilaNpuError(f"no Alpaca parquet at {' or '.join(candidates)}; pass --alpaca FILE")
+def _sample(option: str | None, *parts: str, flag: str) -> str:
+    """``option`` when given, else the installed sample data's file (``aquila_npu.sample_data``)."""
+    from aquila_npu import sample_data
+
+    path = option or str(sample_data.path(*parts))
+    if not os.path.exists(path):
+        raise AquilaNpuError(f"{path} does not exist; pass {flag}" if option else
+                             f"the sample data lacks {path} (a damaged install?); reinstall aquila-npu or pass {flag}")
+    return path
 
 
 def _python(processes: int = 1) -> list[str]:
@@ -56,28 +56,57 @@ def _python(processes: int = 1) -> list[str]:
     return [sys.executable]
 
 
-def _run_step(command: list[str], what: str, threads: int) -> str:
-    """A stage's subprocess; its output, or an error with the last lines of it."""
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    output = result.stdout + result.stderr
-    if result.returncode != 0:
+def _run_step(command: list[str], what: str, threads: int, progress: str | None = None) -> str:
+    """A stage's subprocess; its output, or an error with the last lines of it. ``progress``: a regular expression
+    whose groups (done, total) the step prints as it goes; each match moves a progress bar (with its rate)."""
+    import codecs
+    import re
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    pattern, bar = (re.compile(progress) if progress else None), None
+    decoder, pending, output = codecs.getincrementaldecoder("utf-8")("replace"), "", []
+    try:
+        for chunk in iter(lambda: process.stdout.read1(1 << 16), b""):
+            text = decoder.decode(chunk)
+            output.append(text)
+            if pattern is None:
+                continue
+            *lines, pending = re.split(r"[\r\n]", pending + text)  # tqdm redraws with \r
+            for line in lines:
+                match = pattern.search(line)
+                if match:
+                    bar = bar or _bar(what, int(match.group(2)))
+                    bar.update(int(match.group(1)) - bar.n)
+    finally:
+        process.stdout.close()
+        process.wait()
+        if bar is not None:
+            bar.close()
+    output = "".join(output)
+    if process.returncode != 0:
         tail = "\n".join(output.strip().splitlines()[-15:])
-        raise AquilaNpuError(f"{what} failed (exit {result.returncode}):\n{tail}")
+        raise AquilaNpuError(f"{what} failed (exit {process.returncode}):\n{tail}")
     return output
+
+
+def _bar(what: str, total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"     {what}", leave=False, dynamic_ncols=True, mininterval=0.5)
 
 
 TRAIN_FLAGS = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--lr-decay-style", "cosine",
                "--lr-warmup-fraction", "0.1", "--split", "100,0,0", "--log-interval", "1", "--eval-iters", "0"]
 
 
-def _train(model: str, tokenizer_dir: str, flags: list[str], device: str | None) -> list[float]:
+def _train(model: str, tokenizer_dir: str, flags: list[str], device: str | None, what: str) -> list[float]:
     """The megatron-core driver in a process of its own; its losses by iteration."""
     import re
 
     command = [sys.executable, "-m", "aquila_npu.pretrain", "--model", model, "--tokenizer-name-or-path",
                tokenizer_dir, *TRAIN_FLAGS, *flags] + (["--device", device] if device else [])
-    output = _run_step(command, "training", threads=2)
+    output = _run_step(command, what, threads=2, progress=r"iteration\s+(\d+)/\s*(\d+)")
     return [float(m.group(1)) for m in re.finditer(r"\| lm loss: ([0-9.E+-]+) \|", output)]
 
 
@@ -160,24 +189,16 @@ def _chat_stage(work: Path, checkpoint: str, tokenizer_dir: str, family, spec, d
 BOOLQ_EXAMPLES = 50
 
 
-def _boolq_file() -> str:
-    candidates = [root / "boolq" / name for root in reversed(DATA_ROOTS) for name in ("dev.jsonl", "dev_300.jsonl")]
-    for candidate in candidates:
-        if candidate.is_file():
-            return str(candidate)
-    raise AquilaNpuError(f"no BoolQ dev file at {' or '.join(map(str, candidates))}")
-
-
 def _boolq_stage(work: Path, mg_dir: str, hf_dir: str, tokenizer_dir: str, tp: int, spec,
                  device: str | None) -> tuple[bool, str]:
     """``python -m aquila_npu.evaluate boolq`` on the converted checkpoint vs ``transformers``, lm-eval's way."""
     from aquila_npu.parity import hf_loglikelihoods
 
-    data, out = _boolq_file(), work / "boolq.json"
+    data, out = _sample(None, "boolq", "dev_300.jsonl", flag="a BoolQ file"), work / "boolq.json"
     command = ["-m", "aquila_npu.evaluate", "boolq", "--load", mg_dir, "--tokenizer-name-or-path", tokenizer_dir,
                "--tensor-model-parallel-size", str(tp), "--task-data-path", data, "--limit", str(BOOLQ_EXAMPLES),
-               "--output", str(out), "--no-progress"] + (["--device", device] if device else [])
-    _run_step(_python(tp) + command, "evaluate", threads=1)
+               "--output", str(out)] + (["--device", device] if device else [])
+    _run_step(_python(tp) + command, "evaluate", threads=1, progress=r"evaluating:.*?(\d+)/(\d+)")
     result = json.loads(out.read_text(encoding="utf-8"))
     with open(data, encoding="utf-8") as f:
         docs = [json.loads(line) for line, _ in zip(f, range(BOOLQ_EXAMPLES))]
@@ -192,12 +213,15 @@ def _boolq_stage(work: Path, mg_dir: str, hf_dir: str, tokenizer_dir: str, tp: i
 
 
 def _tokenizer_dir(option: str | None, family) -> str:
-    sample = family.tokenizer.sample_dir
-    candidates = [option] if option else [str(root / sample) for root in DATA_ROOTS if sample]
-    for candidate in candidates:
-        if candidate and os.path.isfile(os.path.join(candidate, "tokenizer.json")):
-            return candidate
-    raise AquilaNpuError(f"no tokenizer.json in {' or '.join(candidates) or 'the sample data'}; pass --tokenizer DIR")
+    if option:
+        folder = option
+    elif family.tokenizer.sample_dir:
+        folder = _sample(None, family.tokenizer.sample_dir, flag="--tokenizer DIR")
+    else:
+        raise AquilaNpuError(f"the {family.name} model family bundles no sample tokenizer; pass --tokenizer DIR")
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        raise AquilaNpuError(f"no tokenizer.json in {folder}; pass --tokenizer DIR")
+    return folder
 
 
 def _same_tensors(a: str, b: str) -> bool:
@@ -225,135 +249,206 @@ def _default_model(plugins) -> str:
     return models[0]
 
 
-def run(options: QuickstartOptions) -> int:
-    from aquila_npu import kernels, parity, plugin_manager
+@dataclass
+class _Run:
+    """What the stages share: the choices, and what earlier stages made."""
 
+    options: QuickstartOptions
+    plugins: object
+    device: str
+    family: object
+    spec: object
+    work: Path
+    tp: int  # the tensor-parallel size of the multi-process stages (1 with --skip-tp2)
+    hf_dir: str = ""
+    tokenizer_dir: str = ""
+    tokens_file: str = ""
+    tokens: object = None  # the sample texts' token ids
+    reference: object = None  # transformers' logits
+    tp1: object = None  # megatron-core's at TP=1
+    mg_dir: str = ""  # the converted TP=2 checkpoint
+    pretrained: str = ""
+    finetuned: str = ""
+
+
+def _model(run: _Run) -> tuple[bool, str]:
+    from aquila_npu import parity
+
+    run.hf_dir = str(run.work / "hf-random")
+    parity.save_random_hf_model(run.spec, run.hf_dir)
+    return True, f"random {run.spec.name} in Hugging Face layout at {run.hf_dir}"
+
+
+def _tokenize(run: _Run) -> tuple[bool, str]:
+    from aquila_npu import parity
+
+    run.tokenizer_dir = _tokenizer_dir(run.options.tokenizer, run.family)
+    tokens = parity.encode(run.tokenizer_dir)
+    run.tokens_file = str(run.work / "tokens.json")
+    with open(run.tokens_file, "w", encoding="utf-8") as f:
+        json.dump(tokens.tolist(), f)
+    run.tokens = tokens
+    return True, f"{tokens.shape[0]} texts x {tokens.shape[1]} tokens with the {run.family.name} tokenizer"
+
+
+def _transformers(run: _Run) -> tuple[bool, str]:
+    from aquila_npu import parity
+
+    run.reference = parity.hf_logits(run.hf_dir, run.tokens)
+    return True, "reference logits from LlamaForCausalLM"
+
+
+def _tp1(run: _Run) -> tuple[bool, str]:
+    run.tp1 = _megatron_logits(run.hf_dir, run.tokens_file, str(run.work / "logits-tp1.safetensors"), 1,
+                               run.options.device)
+    diff = (run.tp1 - run.reference).abs().max().item()
+    return diff <= PARITY_TOLERANCE_HF, (f"max |logit diff| vs transformers {diff:.2e} "
+                                         f"(tolerance {PARITY_TOLERANCE_HF:g})")
+
+
+def _fused(run: _Run) -> tuple[bool, str]:
+    from aquila_npu import kernels
+
+    offered = [op for op in kernels.OPS if op in run.plugins.fused_kernels(run.device)]
+    fused = _megatron_logits(run.hf_dir, run.tokens_file, str(run.work / "logits-fused.safetensors"), 1,
+                             run.options.device, flags=tuple(kernels.FLAGS[op] for op in offered))
+    diff = (fused - run.reference).abs().max().item()
+    return diff <= PARITY_TOLERANCE_HF, (f"every fused kernel the {run.device} device has "
+                                         f"({', '.join(offered) or 'none'}): max |logit diff| vs transformers "
+                                         f"{diff:.2e}")
+
+
+def _tp2(run: _Run) -> tuple[bool, str]:
+    tp2 = _megatron_logits(run.hf_dir, run.tokens_file, str(run.work / "logits-tp2.safetensors"), 2,
+                           run.options.device)
+    diff = (tp2 - run.tp1).abs().max().item()
+    return diff <= PARITY_TOLERANCE_TP, (f"2 processes; max |logit diff| vs TP=1 {diff:.2e} "
+                                         f"(tolerance {PARITY_TOLERANCE_TP:g})")
+
+
+def _convert(run: _Run) -> tuple[bool, str]:
+    from aquila_npu.convert import ConvertOptions, convert
+
+    run.mg_dir, back_dir = str(run.work / "megatron-tp2"), str(run.work / "hf-from-megatron")
+    convert(ConvertOptions(load_dir=run.hf_dir, save_dir=run.mg_dir, target_tensor_parallel_size=2, overwrite=True,
+                           progress=False))
+    result = convert(ConvertOptions(load_dir=run.mg_dir, save_dir=back_dir, load_model_type="mg", save_model_type="hf",
+                                    overwrite=True, progress=False, verify=True))
+    ok = _same_tensors(run.hf_dir, back_dir)
+    return ok, (f"HF -> Megatron TP=2 ({run.mg_dir}) -> HF: {'bit-exact' if ok else 'DIFFERENT'}; --verify max |logit "
+                f"diff| {result.max_logit_diff:.2e}")
+
+
+def _load_tp2(run: _Run) -> tuple[bool, str]:
+    loaded = _megatron_logits(run.mg_dir, run.tokens_file, str(run.work / "logits-loaded-tp2.safetensors"), 2,
+                              run.options.device, source="--megatron-dir")
+    diff = (loaded - run.reference).abs().max().item()
+    return diff <= PARITY_TOLERANCE_HF, (f"megatron-core loads the converted checkpoint; max |logit diff| vs "
+                                         f"transformers {diff:.2e}")
+
+
+def _preprocess(run: _Run) -> tuple[bool, str]:
+    alpaca = _sample(run.options.alpaca, "alpaca", "alpaca_300.parquet", flag="--alpaca FILE")
+    return _preprocess_stage(run.work, run.tokenizer_dir, alpaca)
+
+
+def _pretrain(run: _Run) -> tuple[bool, str]:
+    run.pretrained = str(run.work / "checkpoints" / "pretrain")
+    losses = _train(run.spec.name, run.tokenizer_dir, ["--data-path", str(run.work / "data" / "alpaca_text_document"),
+                                                       "--seq-length", "64", "--train-iters", "20", "--save",
+                                                       run.pretrained, "--save-interval", "20"],
+                    run.options.device, "pretrain")
+    ok, detail = _falls(losses)
+    return ok, (f"megatron-core driver, 20 iterations on the Alpaca text: {detail}; torch_dist checkpoint at "
+                f"{run.pretrained}")
+
+
+def _finetune(run: _Run) -> tuple[bool, str]:
+    run.finetuned = str(run.work / "checkpoints" / "finetune")
+    losses = _train(run.spec.name, run.tokenizer_dir, ["--data-path", str(run.work / "data" / "alpaca"),
+                                                       "--is-instruction-dataset", "--seq-length", "128",
+                                                       "--train-iters", "20", "--load", run.pretrained, "--finetune",
+                                                       "--save", run.finetuned], run.options.device, "finetune")
+    ok, detail = _falls(losses)
+    return ok, f"--finetune --is-instruction-dataset, 20 iterations, loss on response tokens only: {detail}"
+
+
+def _convert_trained(run: _Run) -> tuple[bool, str]:
+    from aquila_npu.convert import ConvertOptions, convert
+
+    trained_hf = str(run.work / "hf-finetuned")
+    result = convert(ConvertOptions(load_dir=run.finetuned, save_dir=trained_hf, load_model_type="mg",
+                                    save_model_type="hf", overwrite=True, progress=False, verify=True))
+    return True, (f"the fine-tuned checkpoint -> Hugging Face at {trained_hf}; --verify max |logit diff| "
+                  f"{result.max_logit_diff:.2e}")
+
+
+def _generate(run: _Run) -> tuple[bool, str]:
+    return _generate_stage(run.work, run.mg_dir, run.hf_dir, run.tokenizer_dir, run.tp, run.family,
+                           run.options.device)
+
+
+def _chat(run: _Run) -> tuple[bool, str]:
+    return _chat_stage(run.work, run.finetuned, run.tokenizer_dir, run.family, run.spec, run.options.device)
+
+
+def _evaluate(run: _Run) -> tuple[bool, str]:
+    return _boolq_stage(run.work, run.mg_dir, run.hf_dir, run.tokenizer_dir, run.tp, run.spec, run.options.device)
+
+
+# (key for --stop-after, the name the report shows, what it does, the stage; "tp2" stages: not with --skip-tp2)
+STAGES = (
+    ("model", "model", "a random checkpoint of the tiny model, Hugging Face layout", _model),
+    ("tokenize", "tokenize", "sample texts through the model family's tokenizer", _tokenize),
+    ("transformers", "transformers", "reference logits from Hugging Face", _transformers),
+    ("tp1", "megatron-core TP=1", "the model built from our spec by megatron-core, one process", _tp1),
+    ("fused", "fused kernels", "the same with the device's fused kernels", _fused),
+    ("tp2", "megatron-core TP=2", "split over two processes", _tp2),
+    ("convert", "convert", "HF -> Megatron TP=2 -> HF", _convert),
+    ("load-tp2", "load converted TP=2", "megatron-core loads the converted checkpoint in two processes", _load_tp2),
+    ("preprocess", "preprocess", "Alpaca records -> pretraining and instruction datasets", _preprocess),
+    ("pretrain", "pretrain", "20 iterations of the megatron-core driver", _pretrain),
+    ("finetune", "finetune", "20 iterations of instruction fine-tuning from the pretrained checkpoint", _finetune),
+    ("convert-trained", "convert trained", "the fine-tuned checkpoint -> Hugging Face", _convert_trained),
+    ("generate", "generate", "greedy generation on the converted checkpoint vs transformers", _generate),
+    ("chat", "chat", "a conversation turn of the fine-tuned model", _chat),
+    ("evaluate", "evaluate", "BoolQ on the converted checkpoint vs transformers", _evaluate),
+)
+TWO_PROCESS_STAGES = ("tp2", "load-tp2")
+STAGE_KEYS = tuple(key for key, *_ in STAGES)
+
+
+def run(options: QuickstartOptions) -> int:
+    from aquila_npu import known_warnings, plugin_manager
+
+    if options.stop_after and options.stop_after not in STAGE_KEYS:
+        raise AquilaNpuError(f"--stop-after {options.stop_after}: choose one of {', '.join(STAGE_KEYS)}")
+    known_warnings.silence()
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # a tiny model's loading and saving bars, in between our lines
     plugins = plugin_manager.get()
     device = plugins.select_device(options.device)
     family, spec = plugins.find_model(options.model or _default_model(plugins))
     work = Path(options.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    stages: list[dict] = []
-    failed = False
-
-    def stage(name: str, detail: str, started: float, ok: bool = True) -> None:
-        nonlocal failed
-        failed |= not ok
-        stages.append({"stage": name, "result": "ok" if ok else "FAIL", "seconds": f"{time.perf_counter() - started:.1f}",
-                       "detail": detail})
-        print(f"[{'ok' if ok else 'FAIL'}] {name}: {detail}", flush=True)
-
+    state = _Run(options, plugins, device, family, spec, work, tp=1 if options.skip_tp2 else 2)
+    rows: list[dict] = []
     print(f"aquila-npu quickstart: {spec.name} on {device} ({plugins.backend(device)}), work folder {work}", flush=True)
-
-    t = time.perf_counter()
-    hf_dir = str(work / "hf-random")
-    parity.save_random_hf_model(spec, hf_dir)
-    stage("model", f"random {spec.name} in Hugging Face layout at {hf_dir}", t)
-
-    t = time.perf_counter()
-    tokenizer_dir = _tokenizer_dir(options.tokenizer, family)
-    tokens = parity.encode(tokenizer_dir)
-    tokens_file = str(work / "tokens.json")
-    with open(tokens_file, "w", encoding="utf-8") as f:
-        json.dump(tokens.tolist(), f)
-    stage("tokenize", f"{tokens.shape[0]} texts x {tokens.shape[1]} tokens with the {family.name} tokenizer", t)
-
-    t = time.perf_counter()
-    reference = parity.hf_logits(hf_dir, tokens)
-    stage("transformers", "reference logits from LlamaForCausalLM", t)
-
-    t = time.perf_counter()
-    tp1 = _megatron_logits(hf_dir, tokens_file, str(work / "logits-tp1.safetensors"), 1, options.device)
-    diff = (tp1 - reference).abs().max().item()
-    ok = diff <= PARITY_TOLERANCE_HF
-    stage("megatron-core TP=1", f"max |logit diff| vs transformers {diff:.2e} (tolerance {PARITY_TOLERANCE_HF:g})",
-          t, ok)
-
-    t = time.perf_counter()
-    offered = [op for op in kernels.OPS if op in plugins.fused_kernels(device)]
-    fused = _megatron_logits(hf_dir, tokens_file, str(work / "logits-fused.safetensors"), 1, options.device,
-                             flags=tuple(kernels.FLAGS[op] for op in offered))
-    diff = (fused - reference).abs().max().item()
-    ok = diff <= PARITY_TOLERANCE_HF
-    stage("fused kernels", f"every fused kernel the {device} device has ({', '.join(offered) or 'none'}): max |logit "
-                           f"diff| vs transformers {diff:.2e}", t, ok)
-
-    if not options.skip_tp2:
-        t = time.perf_counter()
-        tp2 = _megatron_logits(hf_dir, tokens_file, str(work / "logits-tp2.safetensors"), 2, options.device)
-        diff = (tp2 - tp1).abs().max().item()
-        ok = diff <= PARITY_TOLERANCE_TP
-        stage("megatron-core TP=2", f"2 processes; max |logit diff| vs TP=1 {diff:.2e} "
-                                    f"(tolerance {PARITY_TOLERANCE_TP:g})", t, ok)
-
-    t = time.perf_counter()
-    from aquila_npu.convert import ConvertOptions, convert
-
-    mg_dir, back_dir = str(work / "megatron-tp2"), str(work / "hf-from-megatron")
-    convert(ConvertOptions(load_dir=hf_dir, save_dir=mg_dir, target_tensor_parallel_size=2, overwrite=True,
-                           progress=False))
-    result = convert(ConvertOptions(load_dir=mg_dir, save_dir=back_dir, load_model_type="mg", save_model_type="hf",
-                                    overwrite=True, progress=False, verify=True))
-    ok = _same_tensors(hf_dir, back_dir)
-    stage("convert", f"HF -> Megatron TP=2 ({mg_dir}) -> HF: {'bit-exact' if ok else 'DIFFERENT'}; --verify "
-                     f"max |logit diff| {result.max_logit_diff:.2e}", t, ok)
-
-    if not options.skip_tp2:
-        t = time.perf_counter()
-        loaded = _megatron_logits(mg_dir, tokens_file, str(work / "logits-loaded-tp2.safetensors"), 2,
-                                  options.device, source="--megatron-dir")
-        diff = (loaded - reference).abs().max().item()
-        ok = diff <= PARITY_TOLERANCE_HF
-        stage("load converted TP=2", f"megatron-core loads the converted checkpoint; max |logit diff| vs "
-                                     f"transformers {diff:.2e}", t, ok)
-
-    t = time.perf_counter()
-    ok, detail = _preprocess_stage(work, tokenizer_dir, _alpaca_parquet(options.alpaca))
-    stage("preprocess", detail, t, ok)
-
-    t = time.perf_counter()
-    pretrained = str(work / "checkpoints" / "pretrain")
-    losses = _train(spec.name, tokenizer_dir, ["--data-path", str(work / "data" / "alpaca_text_document"),
-                                                  "--seq-length", "64", "--train-iters", "20", "--save", pretrained,
-                                                  "--save-interval", "20"],
-                       options.device)
-    ok, detail = _falls(losses)
-    stage("pretrain", f"megatron-core driver, 20 iterations on the Alpaca text: {detail}; torch_dist checkpoint at "
-                      f"{pretrained}", t, ok)
-
-    t = time.perf_counter()
-    finetuned = str(work / "checkpoints" / "finetune")
-    losses = _train(spec.name, tokenizer_dir, ["--data-path", str(work / "data" / "alpaca"),
-                                                  "--is-instruction-dataset", "--seq-length", "128",
-                                                  "--train-iters", "20", "--load", pretrained, "--finetune",
-                                                  "--save", finetuned], options.device)
-    ok, detail = _falls(losses)
-    stage("finetune", f"--finetune --is-instruction-dataset, 20 iterations, loss on response tokens only: {detail}",
-          t, ok)
-
-    t = time.perf_counter()
-    trained_hf = str(work / "hf-finetuned")
-    result = convert(ConvertOptions(load_dir=finetuned, save_dir=trained_hf, load_model_type="mg",
-                                    save_model_type="hf", overwrite=True, progress=False, verify=True))
-    stage("convert trained", f"the fine-tuned checkpoint -> Hugging Face at {trained_hf}; --verify max |logit "
-                             f"diff| {result.max_logit_diff:.2e}", t)
-
-    t = time.perf_counter()
-    ok, detail = _generate_stage(work, mg_dir, hf_dir, tokenizer_dir, 1 if options.skip_tp2 else 2, family,
-                                 options.device)
-    stage("generate", detail, t, ok)
-
-    t = time.perf_counter()
-    ok, detail = _chat_stage(work, finetuned, tokenizer_dir, family, spec, options.device)
-    stage("chat", detail, t, ok)
-
-    t = time.perf_counter()
-    ok, detail = _boolq_stage(work, mg_dir, hf_dir, tokenizer_dir, 1 if options.skip_tp2 else 2, spec,
-                              options.device)
-    stage("evaluate", detail, t, ok)
-
+    for key, name, what, body in STAGES:
+        if options.skip_tp2 and key in TWO_PROCESS_STAGES:
+            continue
+        print(f"[..] {name}: {what}", flush=True)
+        started = time.perf_counter()
+        ok, detail = body(state)
+        rows.append({"stage": name, "result": "ok" if ok else "FAIL",
+                     "seconds": f"{time.perf_counter() - started:.1f}", "detail": detail})
+        print(f"[{'ok' if ok else 'FAIL'}] {name}: {detail}", flush=True)
+        if key == options.stop_after:
+            break
     from aquila_npu.__main__ import _table
 
-    print("\n" + _table(stages, ["stage", "result", "seconds", "detail"]))
+    failed = any(row["result"] != "ok" for row in rows)
+    print("\n" + _table(rows, ["stage", "result", "seconds", "detail"]))
     print("\nquickstart " + ("FAILED" if failed else "passed"))
     return 1 if failed else 0

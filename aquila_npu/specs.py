@@ -187,7 +187,7 @@ class TokenizerDefaults:
     eod_token_id: int | None = None
     # the HF tokenizer adds no BOS by itself; prepend it for fine-tuning and inference
     add_bos_token: bool = False
-    # folder name of the tokenizer sample under examples/data (and the shared data set)
+    # folder name of the tokenizer sample in aquila_npu.sample_data (examples/data in a checkout)
     sample_dir: str | None = None
 
 

@@ -42,7 +42,7 @@ def aquila_npu_device_unavailable_reason(device):
     if device != DEVICE:
         return None
     if not _torch_npu_installed():
-        return "torch_npu is not installed; install Ascend CANN, then `pip install aquila-npu[npu]`"
+        return "torch_npu is not installed; install Ascend CANN, then `pip install \"aquila-npu[npu]\"`"
     return "torch_npu finds no NPU (check the Ascend driver, CANN's set_env.sh and ASCEND_RT_VISIBLE_DEVICES)"
 
 

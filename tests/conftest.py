@@ -11,17 +11,14 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the repository's own samples only: a fresh clone and a developer's machine test the same data
 BUNDLED_DATA = REPO / "examples" / "data"
 
 
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
-    """The real Aquila2 tokenizer: the shared data set where present, else the identical bundled copy."""
-    for candidate in (SHARED_DATA / "aquila2_tokenizer", BUNDLED_DATA / "aquila2_tokenizer"):
-        if (candidate / "tokenizer.json").is_file():
-            return candidate
-    pytest.skip(f"no Aquila2 tokenizer in {SHARED_DATA} or {BUNDLED_DATA}")
+    """The real Aquila2 tokenizer (the bundled copy)."""
+    return BUNDLED_DATA / "aquila2_tokenizer"
 
 
 def run_python(*args: str, env: dict | None = None, cwd: str | Path | None = None, timeout: int = 600,

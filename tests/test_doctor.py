@@ -27,7 +27,7 @@ def test_doctor_reports_this_cpu_machine():
     assert rows["cpu", "rotary"].endswith("none (the flag is an error)")
     assert rows["npu", "attention"].split()[2:] == ["--use-flash-attn", "torch_npu.npu_fusion_attention",
                                                    "torch_npu.npu_fusion_attention"]
-    assert "NPU path: missing" in out and "torch_npu: `pip install aquila-npu[npu]`" in out
+    assert "NPU path: missing" in out and "torch_npu: `pip install \"aquila-npu[npu]\"`" in out
 
 
 def test_cann_version_is_read_from_the_toolkit(tmp_path):

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from conftest import BUNDLED_DATA, SHARED_DATA, convert_to_megatron, make_hf_checkpoint, run_python
+from conftest import BUNDLED_DATA, convert_to_megatron, make_hf_checkpoint, run_python
 
 LIMIT = 200
 TOLERANCE = 1e-4
@@ -21,10 +21,7 @@ TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def boolq_file():
-    for candidate in (SHARED_DATA / "boolq" / "dev.jsonl", BUNDLED_DATA / "boolq" / "dev_300.jsonl"):
-        if candidate.is_file():
-            return candidate
-    pytest.skip("no BoolQ dev file")
+    return BUNDLED_DATA / "boolq" / "dev_300.jsonl"
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BUNDLED_DATA, SHARED_DATA, run_python
+from conftest import BUNDLED_DATA, run_python
 
 from aquila_npu.preprocess import PreprocessOptions, preprocess
 from aquila_npu.preprocess.__main__ import main as preprocess_main
@@ -24,11 +24,9 @@ EOD = 100007  # Aquila2's </s>
 
 @pytest.fixture(scope="module")
 def alpaca() -> dict[str, Path]:
-    """The shared 5,000-record Alpaca set where present (the acceptance data), else the bundled 300-record sample."""
-    for folder, stem in ((SHARED_DATA / "alpaca", "alpaca_5000"), (BUNDLED_DATA / "alpaca", "alpaca_300")):
-        if (folder / f"{stem}.parquet").is_file():
-            return {"parquet": folder / f"{stem}.parquet", "json": folder / f"{stem}.json"}
-    pytest.skip(f"no Alpaca parquet in {SHARED_DATA} or {BUNDLED_DATA}")
+    """The bundled 300-record Alpaca sample, as parquet and as a JSON list."""
+    folder = BUNDLED_DATA / "alpaca"
+    return {"parquet": folder / "alpaca_300.parquet", "json": folder / "alpaca_300.json"}
 
 
 @pytest.fixture(scope="module")

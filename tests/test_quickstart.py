@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import run_python
@@ -14,8 +16,15 @@ def test_quickstart_runs_every_stage(tmp_path):
     for stage in ("model", "tokenize", "transformers", "megatron-core TP=1", "fused kernels", "megatron-core TP=2",
                   "convert", "load converted TP=2", "preprocess", "pretrain", "finetune", "convert trained",
                   "generate", "chat", "evaluate"):
-        assert f"[ok] {stage}:" in out
+        assert f"[..] {stage}:" in out and f"[ok] {stage}:" in out  # announced when it starts, then its result
+        assert out.index(f"[..] {stage}:") < out.index(f"[ok] {stage}:")
     assert out.strip().endswith("quickstart passed")
+    # the long stages show their progress; no upstream notice that does not concern the user comes in between
+    for stage in ("pretrain", "finetune"):
+        assert re.search(rf"{stage}: +\d+%.*\d+/20 ", result.stderr), stage
+    for noise in ("Transformer Engine and Apex are not installed", "full scope is deprecated", "Loading weights",
+                  "Writing model shards", "`load_state_dict` is deprecated"):
+        assert noise not in out + result.stderr, noise
 
 
 def test_quickstart_with_a_missing_tokenizer_fails_with_one_line(tmp_path):

@@ -9,14 +9,12 @@ folder beside the target and renamed into place only when complete.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import AquilaNpuError, reported_os_errors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -89,11 +87,27 @@ def convert(options: ConvertOptions) -> ConvertResult:
     if options.params_dtype is not None and options.params_dtype not in DTYPES:
         raise AquilaNpuError(f"--params-dtype must be one of {', '.join(DTYPES)}, not {options.params_dtype!r}")
     target = os.path.abspath(options.save_dir)
+    _check_target(options, target)
+    with _megatron_world_if_needed(options):
+        return _convert(options, plugins, target)
+
+
+def _check_target(options: ConvertOptions, target: str) -> None:
+    """The output may neither be nor contain nor sit inside the source (an --overwrite would destroy it), nor be a
+    file, nor replace a folder without --overwrite."""
+    source, real_target = os.path.realpath(options.load_dir), os.path.realpath(target)
+    if os.path.commonpath([source, real_target]) in (source, real_target):
+        raise AquilaNpuError(f"--save-dir {options.save_dir} and --load-dir {options.load_dir} are the same folder "
+                             f"or one holds the other; the output would replace its own source: choose a "
+                             f"--save-dir outside it")
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise AquilaNpuError(f"--save-dir {options.save_dir} is a file, not a folder; choose a folder path")
+    from aquila_npu.files import remove_stale_temporaries
+
+    remove_stale_temporaries(target)  # a killed run's leftovers, or its moved-aside older output put back
     if os.path.exists(target) and os.listdir(target) and not options.overwrite:
         raise AquilaNpuError(f"--save-dir {options.save_dir} exists and is not empty; choose a new folder or "
                              f"pass --overwrite")
-    with _megatron_world_if_needed(options):
-        return _convert(options, plugins, target)
 
 
 def _megatron_world_if_needed(options: ConvertOptions):
@@ -112,10 +126,10 @@ def _megatron_world_if_needed(options: ConvertOptions):
 
 
 def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
-    from aquila_npu.convert.hf_format import HFWriter
-    from aquila_npu.convert.megatron_format import Parallelism, write_megatron_torch
+    from aquila_npu.convert.megatron_format import Parallelism
     from aquila_npu.convert.streaming import Prefetched
-    from aquila_npu.weights import as_tensor, hf_names
+    from aquila_npu.files import replaced_folder
+    from aquila_npu.weights import hf_names
 
     source, spec = _open_source(options, plugins)
     dtype = DTYPES.get(options.params_dtype) if options.params_dtype else None
@@ -131,53 +145,49 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
         parallel.check(spec)
 
     probe_dtype = source.tensor("model.norm.weight").dtype  # checkpoints hold one dtype
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=parent)
     meter = _Meter(spec, options.progress)
     # every writer asks for the source's tensors in checkpoint order, except with virtual pipeline chunks
     if parallel.vp == 1:
         source = Prefetched(source, hf_names(spec))
     try:
-        if options.save_model_type == "mg" and options.ckpt_format == "torch_dist":
-            from aquila_npu.convert.megatron_dist import write_megatron_dist
-
-            write_megatron_dist(source, spec, work, dtype, progress=meter.add)
-        elif options.save_model_type == "mg":
-            write_megatron_torch(source, spec, parallel, work, dtype, progress=meter.add, saved_dtype=probe_dtype)
-        else:
-            writer = HFWriter(work, spec, dtype or probe_dtype, _family_tokenizer(spec, plugins),
-                              options.max_shard_bytes)
-            try:
-                for name in hf_names(spec):
-                    tensor = source.tensor(name)
-                    meter.add(tensor)
-                    writer.add(name, tensor if dtype in (None, tensor.dtype) else as_tensor(tensor).to(dtype))
-            except BaseException:
-                writer.abort()
-                raise
-            writer.finish(options.tokenizer_model)
-        meter.close()
-        seconds, max_diff = meter.elapsed(), None
-        if options.verify:
-            from aquila_npu.convert.verify import verify
-
-            max_diff = verify(options.load_dir, options.load_model_type, work, options.save_model_type, spec, dtype)
-        if os.path.exists(target):
-            aside = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=parent)
-            os.replace(target, os.path.join(aside, "old"))
-            os.replace(work, target)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(work, target)
-    except BaseException:
-        meter.close()
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+        with reported_os_errors(f"--save-dir {options.save_dir}"), replaced_folder(target) as work:
+            max_diff = _write(options, source, spec, parallel, work, dtype, probe_dtype, meter, plugins)
     finally:
+        meter.close()
         if isinstance(source, Prefetched):
             source.close()
-    return ConvertResult(target, meter.tensors, meter.bytes, seconds, max_diff)
+    return ConvertResult(target, meter.tensors, meter.bytes, meter.seconds, max_diff)
+
+
+def _write(options: ConvertOptions, source, spec, parallel, work: str, dtype, probe_dtype, meter, plugins):
+    """The target format into ``work``; the --verify logit difference (None without it)."""
+    from aquila_npu.convert.hf_format import HFWriter
+    from aquila_npu.convert.megatron_format import write_megatron_torch
+    from aquila_npu.weights import as_tensor, hf_names
+
+    if options.save_model_type == "mg" and options.ckpt_format == "torch_dist":
+        from aquila_npu.convert.megatron_dist import write_megatron_dist
+
+        write_megatron_dist(source, spec, work, dtype, progress=meter.add, where=f"--save-dir {options.save_dir}")
+    elif options.save_model_type == "mg":
+        write_megatron_torch(source, spec, parallel, work, dtype, progress=meter.add, saved_dtype=probe_dtype)
+    else:
+        writer = HFWriter(work, spec, dtype or probe_dtype, _family_tokenizer(spec, plugins), options.max_shard_bytes)
+        try:
+            for name in hf_names(spec):
+                tensor = source.tensor(name)
+                meter.add(tensor)
+                writer.add(name, tensor if dtype in (None, tensor.dtype) else as_tensor(tensor).to(dtype))
+        except BaseException:
+            writer.abort()
+            raise
+        writer.finish(options.tokenizer_model)
+    meter.close()
+    if not options.verify:
+        return None
+    from aquila_npu.convert.verify import verify
+
+    return verify(options.load_dir, options.load_model_type, work, options.save_model_type, spec, dtype)
 
 
 class _Meter:
@@ -187,6 +197,7 @@ class _Meter:
         from aquila_npu.weights import hf_names
 
         self.tensors, self.bytes, self.start = 0, 0, time.perf_counter()
+        self.seconds = 0.0  # reading and writing, without --verify: set when the bar closes
         self.bar = None
         if enabled:
             from tqdm import tqdm
@@ -205,6 +216,8 @@ class _Meter:
         return time.perf_counter() - self.start
 
     def close(self) -> None:
+        if not self.seconds:
+            self.seconds = self.elapsed()
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -19,8 +19,6 @@ import argparse
 import os
 import sys
 
-from aquila_npu.errors import AquilaNpuError
-
 LOADERS = {"hf": "hf", "llama2_hf": "hf", "huggingface": "hf", "mg": "mg", "megatron": "mg"}
 SAVERS = {"hf": "hf", "save_huggingface_llama": "hf", "mg": "mg", "megatron": "mg"}
 
@@ -73,16 +71,16 @@ def options_from_args(args: argparse.Namespace):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    from aquila_npu import distributed
+
+    def run() -> None:
         from aquila_npu.convert import convert
 
         result = convert(options_from_args(args))
-    except AquilaNpuError as exc:
-        print(f"aquila-npu convert: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"converted {result.tensors} tensors ({result.bytes_read / 1e9:.2f} GB read) in {result.seconds:.1f} s "
-          f"({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s) -> {result.save_dir}")
-    return 0
+        print(f"converted {result.tensors} tensors ({result.bytes_read / 1e9:.2f} GB read) in {result.seconds:.1f} "
+              f"s ({result.bytes_read / max(result.seconds, 1e-9) / 1e9:.2f} GB/s) -> {result.save_dir}")
+
+    return distributed.run_command("convert", run, interrupted="nothing was written to --save-dir")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import os
 import shutil
 import torch
 
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import AquilaNpuError, first_line
 from aquila_npu.specs import ModelSpec, TokenizerDefaults, load_hf_config
 from aquila_npu.weights import hf_shapes, llama_config_dict
 
@@ -45,8 +45,7 @@ class HFCheckpoint:
         files = set(os.listdir(self.path))
         for index_name in (SAFE_INDEX, BIN_INDEX):
             if index_name in files:
-                with open(os.path.join(self.path, index_name), encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
+                weight_map = _read_weight_map(os.path.join(self.path, index_name))
                 absent = sorted(set(weight_map.values()) - files)
                 if absent:
                     raise AquilaNpuError(f"{self.path}: shard {absent[0]} named in {index_name} is missing; "
@@ -97,6 +96,22 @@ class HFCheckpoint:
             raise AquilaNpuError(f"{self.path}: {name} has shape {tuple(tensor.shape)}, the config implies "
                                  f"{expected}; config.json does not describe these weights")
         return tensor
+
+
+def _read_weight_map(path: str) -> dict[str, str]:
+    """The ``weight_map`` of a shard index: {tensor name: shard file name}, checked to be exactly that."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AquilaNpuError(f"{path} is not valid JSON ({first_line(exc)}); copy the index file again or "
+                             f"re-save the model") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str) and
+                                                   os.path.basename(v) == v for k, v in weight_map.items()):
+        raise AquilaNpuError(f"{path} has no weight_map of tensor names to shard files in this folder; copy the "
+                             f"index file again or re-save the model")
+    return weight_map
 
 
 def load_state(path: str) -> dict[str, torch.Tensor]:

@@ -10,13 +10,15 @@ whole state dict in one call, and its loader reads a stored tensor only whole).
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import torch
 
 from aquila_npu.convert.megatron_format import (CHECKPOINT_VERSION, TRACKER, LayerCachedSource, Parallelism,
                                                 iteration_dir, megatron_args, read_tracker, spec_from_args)
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import USER_ERRORS, AquilaNpuError, first_line, write_failure_message
 from aquila_npu.specs import ModelSpec
 from aquila_npu.weights import MC_LAYER, hf_to_megatron, megatron_to_hf_layer
 
@@ -31,6 +33,93 @@ _LAYER_KEYS = {
 }
 
 
+@contextlib.contextmanager
+def _reading(root: str):
+    """Reads of the ``torch_dist`` folder ``root``: only data is unpickled (``aquila_npu.unpickling``), and a file
+    that cannot be read is one ``AquilaNpuError`` naming the folder, not torch's per-rank exception report."""
+    from aquila_npu import unpickling
+
+    unpickling.install()
+    try:
+        yield
+    except (*USER_ERRORS, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - torch.distributed.checkpoint's CheckpointException is one
+        cause = first_failure(exc)
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        detail = first_line(cause).split(". ")[0]
+        raise AquilaNpuError(f"{root}: the torch_dist checkpoint cannot be loaded ({type(cause).__name__}: {detail}); "
+                             f"is it complete (a truncated .distcp file?) and made for this model?") from None
+
+
+def first_failure(exc: BaseException) -> BaseException:
+    """Our own error behind ``exc`` if there is one (inside torch.distributed.checkpoint's per-rank
+    ``CheckpointException`` or an exception's cause), else the first rank's failure, else ``exc`` itself."""
+    found, seen, current = exc, set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, USER_ERRORS):
+            return current
+        failures = getattr(current, "failures", None)
+        if isinstance(failures, dict) and failures:
+            wrapped = next(iter(failures.values()))  # (exception, stack summary)
+            current = found = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            continue
+        current = current.__cause__ or current.__context__
+    return found
+
+
+def load_common(root: str) -> dict:
+    """The common (non-sharded) state of the ``torch_dist`` folder ``root``, weights-only."""
+    from megatron.core import dist_checkpointing
+
+    with _reading(root):
+        return dist_checkpointing.load_common_state_dict(root)
+
+
+def load_tensors_metadata(root: str) -> dict:
+    """{key: ShardedTensor without data} of every tensor stored in the ``torch_dist`` folder ``root``."""
+    from megatron.core import dist_checkpointing
+
+    with _reading(root):
+        return dist_checkpointing.load_tensors_metadata(root)
+
+
+def load(sharded_state_dict: dict, root: str) -> dict:
+    """megatron-core's ``dist_checkpointing.load`` of ``root``, reading data only (call inside a megatron world)."""
+    from megatron.core import dist_checkpointing
+
+    with _reading(root):
+        return dist_checkpointing.load(sharded_state_dict, root)
+
+
+class _WorkerErrorEcho(logging.Filter):
+    """megatron-core's checkpoint writer logs a failed write before raising it; ``save`` reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Local process")
+
+
+_WRITER_LOGGER = "megatron.core.dist_checkpointing.strategies.filesystem_async"
+
+
+def save(sharded_state_dict: dict, root: str, where: str) -> None:
+    """megatron-core's ``dist_checkpointing.save`` into ``root``; a failed write (a full disk, a read-only folder)
+    is one ``AquilaNpuError`` naming ``where`` (the flag and folder the user gave)."""
+    from megatron.core import dist_checkpointing
+
+    logger = logging.getLogger(_WRITER_LOGGER)
+    if not any(isinstance(f, _WorkerErrorEcho) for f in logger.filters):
+        logger.addFilter(_WorkerErrorEcho())
+    try:
+        dist_checkpointing.save(sharded_state_dict, root)
+    except (*USER_ERRORS, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the writer's workers report failures as RuntimeError
+        raise AquilaNpuError(write_failure_message(first_failure(exc), where)) from None
+
+
 def is_dist_checkpoint(path: str) -> bool:
     try:
         iteration = read_tracker(path)
@@ -40,9 +129,9 @@ def is_dist_checkpoint(path: str) -> bool:
 
 
 def write_megatron_dist(source, spec: ModelSpec, path: str, dtype: torch.dtype | None, iteration: int = 1,
-                        progress=None) -> None:
-    """Write ``source`` (``tensor(hf_name)``) as a ``torch_dist`` checkpoint (call inside a megatron world)."""
-    from megatron.core import dist_checkpointing
+                        progress=None, where: str | None = None) -> None:
+    """Write ``source`` (``tensor(hf_name)``) as a ``torch_dist`` checkpoint (call inside a megatron world);
+    ``where`` names the output in errors (default: ``path``)."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     from aquila_npu.model import build_gpt_model
@@ -60,8 +149,9 @@ def write_megatron_dist(source, spec: ModelSpec, path: str, dtype: torch.dtype |
             item.data = state[key]
     root = os.path.join(path, iteration_dir(iteration))
     os.makedirs(root, exist_ok=True)
-    dist_checkpointing.save({"model": sharded, "args": megatron_args(spec, Parallelism(), saved_dtype),
-                             "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}, root)
+    where = where or path
+    save({"model": sharded, "args": megatron_args(spec, Parallelism(), saved_dtype),
+          "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}, root, where)
     with open(os.path.join(path, TRACKER), "w", encoding="utf-8") as f:
         f.write(f"{iteration}\n")
 
@@ -71,21 +161,18 @@ class MegatronDistCheckpoint:
     megatron world: reading uses torch.distributed)."""
 
     def __init__(self, path: str, spec: ModelSpec | None = None, as_pieces: bool = False) -> None:
-        from megatron.core import dist_checkpointing
-
         self.path = path
         self.iteration = read_tracker(path)
         self.root = os.path.join(path, iteration_dir(self.iteration))
-        common = dist_checkpointing.load_common_state_dict(self.root)
+        common = load_common(self.root)
         self.spec = spec or spec_from_args(common.get("args"), path)
-        self.metadata = dist_checkpointing.load_tensors_metadata(self.root)
+        self.metadata = load_tensors_metadata(self.root)
         self._layer_cache: tuple[int, dict] | None = None
         self._stacked: dict[str, torch.Tensor] | None = None
 
     def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Whole (global) tensors. The distributed loader reads a stored tensor only as a whole in one process,
         so the decoder's stacked tensors are read together once (memory: the model, not a layer)."""
-        from megatron.core import dist_checkpointing
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         request = {}
@@ -94,7 +181,7 @@ class MegatronDistCheckpoint:
                 raise AquilaNpuError(f"{self.path}: tensor {key} missing; not a megatron-core GPT checkpoint")
             meta = self.metadata[key]
             request[key] = ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype))
-        return dist_checkpointing.load(request, self.root)
+        return load(request, self.root)
 
     def tensor(self, name: str) -> torch.Tensor:
         spec = self.spec

@@ -16,7 +16,6 @@ layers ``c * pp * L + p * L + [0, L)`` with ``L = num_layers / (pp * vp)``, as m
 from __future__ import annotations
 
 import argparse
-import enum
 import os
 import re
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import torch
 
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.specs import ModelSpec
+from aquila_npu.unpickling import load_weights_only
 from aquila_npu.weights import MC_LAYER, Pieces, hf_shapes, iter_hf_to_megatron, megatron_to_hf_layer
 
 CHECKPOINT_VERSION = 3.0
@@ -66,35 +66,6 @@ def iteration_dir(iteration: int | str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def _safe_load(path: str) -> dict:
-    """``torch.load(weights_only=True)`` that also admits the plain records Megatron pickles alongside the
-    weights (``argparse.Namespace`` and enum members of megatron/torch modules), and nothing else."""
-    try:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception as exc:  # noqa: BLE001
-        raise AquilaNpuError(f"{path} is not a torch checkpoint ({type(exc).__name__}: {exc})") from None
-    allowed = []
-    for qualified in unsafe:
-        module_name, _, attr = qualified.rpartition(".")
-        if qualified == "argparse.Namespace":
-            allowed.append(argparse.Namespace)
-            continue
-        if module_name.split(".")[0] in ("megatron", "torch"):
-            import importlib
-
-            try:
-                obj = getattr(importlib.import_module(module_name), attr)
-            except (ImportError, AttributeError):
-                obj = None
-            if isinstance(obj, type) and issubclass(obj, enum.Enum):
-                allowed.append(obj)
-                continue
-        raise AquilaNpuError(f"{path} holds {qualified}, which is not plain data; refusing to unpickle it "
-                             f"(weights-only loading)")
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
 class MegatronCheckpoint:
     """A per-rank ``torch`` checkpoint with HF tensor names on the outside. Each rank file's structure is read
     once; its tensors are read from disk one layer at a time (``streaming.detach_from_mmap``)."""
@@ -137,7 +108,7 @@ class MegatronCheckpoint:
         key = (tp_rank, pp_rank)
         if key not in self._cache:
             path = self._file(tp_rank, pp_rank, pp or self.parallel.pp)
-            self._cache[key] = detach_from_mmap(_safe_load(path), path)
+            self._cache[key] = detach_from_mmap(load_weights_only(path, mmap=True), path)
         return self._cache[key]
 
     def _model(self, tp_rank: int, stage: int, chunk: int) -> Mapping[str, torch.Tensor]:

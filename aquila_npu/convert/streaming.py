@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zipfile
 from typing import Iterable
@@ -18,6 +19,8 @@ import torch
 
 from aquila_npu.errors import AquilaNpuError
 
+# the safetensors format's own limit on the JSON header (100 MB)
+MAX_SAFETENSORS_HEADER = 100_000_000
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
                       torch.int32: "I32", torch.uint8: "U8"}
 
@@ -209,10 +212,16 @@ class SafetensorsFile:
             if len(raw) != 8:
                 raise AquilaNpuError(f"{path}: not a safetensors file (truncated header)")
             (length,) = struct.unpack("<Q", raw)
+            size = os.fstat(f.fileno()).st_size
+            if length > min(size - 8, MAX_SAFETENSORS_HEADER):  # read nothing a damaged length field asks for
+                raise AquilaNpuError(f"{path}: not a safetensors file (its header claims {length:,} bytes of a "
+                                     f"{size:,}-byte file); copy the file again")
             try:
                 header = json.loads(f.read(length))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise AquilaNpuError(f"{path}: not a safetensors file (unreadable header)") from None
+        if not isinstance(header, dict):
+            raise AquilaNpuError(f"{path}: not a safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         self._data_start = 8 + length
         self._entries = header
@@ -222,11 +231,14 @@ class SafetensorsFile:
 
     def get_tensor(self, name: str) -> torch.Tensor:
         entry = self._entries[name]
-        dtype = _SAFETENSORS_TORCH.get(entry["dtype"])
+        try:
+            dtype, shape, start = _SAFETENSORS_TORCH.get(entry["dtype"]), entry["shape"], entry["data_offsets"][0]
+        except (KeyError, TypeError, IndexError):
+            raise AquilaNpuError(f"{self.path}: the header entry of {name} is malformed; copy the file again") from None
         if dtype is None:
             raise AquilaNpuError(f"{self.path}: {name} has unsupported dtype {entry['dtype']}")
         with open(self.path, "rb") as f:
-            return _read_tensor(f, self._data_start + entry["data_offsets"][0], entry["shape"], dtype)
+            return _read_tensor(f, self._data_start + start, shape, dtype)
 
 
 def detach_from_mmap(state, path: str):

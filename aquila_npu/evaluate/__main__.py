@@ -18,7 +18,7 @@ import json
 import sys
 
 from aquila_npu.errors import AquilaNpuError
-from aquila_npu.inference import add_model_arguments, model_options_from_args, quiet_library_warnings
+from aquila_npu.inference import add_model_arguments, model_options_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,14 +51,13 @@ def write_json(path: str, value) -> None:
     """``value`` as JSON; the file appears only when complete."""
     from aquila_npu.files import atomic_text_file
 
-    with atomic_text_file(path) as f:
+    with atomic_text_file(path, "--output") as f:
         json.dump(value, f, ensure_ascii=False, indent=1)
         f.write("\n")
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_library_warnings()
     from aquila_npu import distributed
 
     return distributed.run_command("evaluate", lambda: _run(args))
@@ -76,6 +75,10 @@ def _run(args) -> None:
                               limit=args.limit, micro_batch_size=args.micro_batch_size,
                               num_fewshot=args.num_fewshot, scoring=args.scoring, progress=not args.no_progress)
     prepared = build_examples(options)  # read before the model loads: bad data fails fast
+    if args.output:
+        from aquila_npu.files import check_writable_file
+
+        check_writable_file(args.output, "--output")
     result = evaluate(options, prepared=prepared)
     import torch.distributed as dist
 

@@ -19,7 +19,7 @@ import os
 import sys
 
 from aquila_npu.errors import AquilaNpuError
-from aquila_npu.inference import add_model_arguments, model_options_from_args, quiet_library_warnings
+from aquila_npu.inference import add_model_arguments, model_options_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +115,7 @@ def write_jsonl(path: str, records: list[dict]) -> None:
     """All records, one JSON object a line; the file appears only when complete."""
     from aquila_npu.files import atomic_text_file
 
-    with atomic_text_file(path) as f:
+    with atomic_text_file(path, "--output") as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -249,7 +249,6 @@ def interactive_chat(generator, args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    quiet_library_warnings()
     from aquila_npu import distributed
 
     return distributed.run_command("generate", lambda: _run(args))
@@ -264,6 +263,10 @@ def _run(args) -> None:
     else:
         mode, items = "stdin", None
     _sampling(args)  # bad sampling flags fail before the model loads
+    if args.output:
+        from aquila_npu.files import check_writable_file
+
+        check_writable_file(args.output, "--output")
     from aquila_npu.generate import TextGenerator
 
     generator = TextGenerator(_options(args))

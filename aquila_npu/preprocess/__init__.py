@@ -14,7 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import AquilaNpuError, first_line, reported_os_errors
 from aquila_npu.preprocess.handlers import HANDLERS, EncodedBatch, InstructionHandler, PretrainHandler
 from aquila_npu.preprocess.sources import as_text, input_files, read_batches
 
@@ -73,8 +73,12 @@ def load_tokenizer(path: str, tokenizer_type: str = "PretrainedFromHF"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=True, trust_remote_code=False)
     except Exception as exc:  # transformers raises many types for unreadable tokenizer files
+        if "trust_remote_code" in str(exc):
+            raise AquilaNpuError(f"--tokenizer-name-or-path {path}: its tokenizer_config.json asks for custom code "
+                                 f"(auto_map / tokenizer_class), which is never run; point it at a standard "
+                                 f"tokenizer class (Aquila2's is GPT2Tokenizer over tokenizer.json)") from None
         raise AquilaNpuError(f"--tokenizer-name-or-path {path}: cannot load the tokenizer "
-                             f"({type(exc).__name__}: {exc})") from None
+                             f"({type(exc).__name__}: {first_line(exc)})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise AquilaNpuError(f"--tokenizer-name-or-path {path}: needs a fast (tokenizer.json) tokenizer")
     return tokenizer
@@ -220,19 +224,23 @@ def preprocess(options: PreprocessOptions) -> PreprocessResult:
     outputs = handler.outputs(options.output_prefix)
     result = PreprocessResult(outputs=outputs, dtypes={k: handler.output_dtype(k) for k in outputs},
                               tokens={k: 0 for k in outputs})
-    os.makedirs(os.path.dirname(os.path.abspath(options.output_prefix)), exist_ok=True)
+    # the outputs' file-system failures (a full disk, a read-only folder) name the flag; the input's name its file
+    writing = f"--output-prefix {options.output_prefix}"
     started = time.perf_counter()
     writers = {}
     encoder = None
     progress = _Progress(options.progress, options.log_interval, _parquet_rows(files))
     try:
-        writers = {key: DatasetWriter(prefix, handler.output_dtype(key)) for key, prefix in outputs.items()}
+        with reported_os_errors(writing):
+            os.makedirs(os.path.dirname(os.path.abspath(options.output_prefix)), exist_ok=True)
+            writers = {key: DatasetWriter(prefix, handler.output_dtype(key)) for key, prefix in outputs.items()}
         encoder = _Encoder(handler, tokenizer.backend_tokenizer, options.workers)
         first = next(iter(outputs))
 
         def write(encoded: EncodedBatch, documents: int) -> None:
-            for key, part in encoded.outputs.items():
-                writers[key].add(part.tokens, part.lengths)
+            with reported_os_errors(writing):
+                for key, part in encoded.outputs.items():
+                    writers[key].add(part.tokens, part.lengths)
             result.empty += encoded.empty
             result.too_long += encoded.too_long
             progress.add(documents, int(encoded.outputs[first].tokens.size))
@@ -253,10 +261,11 @@ def preprocess(options: PreprocessOptions) -> PreprocessResult:
         if result.samples == 0:
             raise AquilaNpuError(f"--input {options.input}: no sample to write ({result.documents} records: "
                                  f"{result.bad} bad, {result.empty} empty, {result.too_long} too long)")
-        for writer in writers.values():
-            writer.finalize()
-        for writer in writers.values():
-            writer.commit()
+        with reported_os_errors(writing):
+            for writer in writers.values():
+                writer.finalize()
+            for writer in writers.values():
+                writer.commit()
     except BaseException:
         if encoder is not None:
             encoder.close()

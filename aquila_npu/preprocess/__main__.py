@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aquila_npu.errors import AquilaNpuError
 from aquila_npu.preprocess.handlers import HANDLERS
 
 
@@ -50,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from aquila_npu import distributed
     from aquila_npu.preprocess import PreprocessOptions, preprocess
 
     options = PreprocessOptions(
@@ -58,18 +58,14 @@ def main(argv=None) -> int:
         seq_length=args.seq_length, workers=args.workers, batch_size=args.batch_size,
         skip_bad_records=args.skip_bad_records, tokenizer_type=args.tokenizer_type,
         log_interval=args.log_interval, progress=not args.no_progress)
-    try:
+
+    def run() -> None:
         result = preprocess(options)
-    except AquilaNpuError as exc:
-        print(f"aquila-npu preprocess: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("aquila-npu preprocess: interrupted; no dataset was written", file=sys.stderr)
-        return 130
-    print(f"preprocess: {result.summary()}")
-    for key, prefix in result.outputs.items():
-        print(f"  {key}: {prefix}.bin / .idx ({result.dtypes[key]}, {result.tokens[key]:,} tokens)")
-    return 0
+        print(f"preprocess: {result.summary()}")
+        for key, prefix in result.outputs.items():
+            print(f"  {key}: {prefix}.bin / .idx ({result.dtypes[key]}, {result.tokens[key]:,} tokens)")
+
+    return distributed.run_command("preprocess", run, interrupted="no dataset was written")
 
 
 if __name__ == "__main__":

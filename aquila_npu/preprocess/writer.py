@@ -22,8 +22,10 @@ PARTIAL = ".partial"
 def indexed_dataset_module():
     """megatron.core.datasets.indexed_dataset, without megatron-core's notices about Transformer Engine and Apex
     (which preprocessing never uses)."""
+    from aquila_npu import known_warnings
+
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed")
+        known_warnings.silence()
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
 

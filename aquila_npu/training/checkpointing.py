@@ -15,7 +15,7 @@ import shutil
 import numpy as np
 import torch
 
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import AquilaNpuError, reported_os_errors, write_failure_message
 
 TRACKER = "latest_checkpointed_iteration.txt"
 PARTIAL = ".partial"
@@ -112,47 +112,87 @@ def _rank_file(folder: str) -> str:
     return os.path.join(folder, name, "model_optim_rng.pt")
 
 
+def check_writable(root: str) -> None:
+    """Fail now, on every rank, when rank 0 cannot create ``--save`` or write a file into it: before the first
+    iteration, not after the last."""
+    import torch.distributed as dist
+
+    from aquila_npu.files import check_writable_folder
+
+    message = [None]
+    if dist.get_rank() == 0:
+        try:
+            check_writable_folder(root, "--save")
+        except AquilaNpuError as exc:
+            message[0] = str(exc)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise AquilaNpuError(f"{message[0]} (checked before training)")
+
+
 def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt: str, with_optim: bool = True,
          with_rng: bool = True, distributed_optimizer: bool = False) -> str:
-    """Write a checkpoint of ``iteration`` on every rank; returns its folder once it is complete and latest."""
+    """Write a checkpoint of ``iteration`` on every rank; returns its folder once it is complete and latest. A
+    failed write on any rank (a full disk) is one error on every rank, and leaves the previous checkpoint latest
+    and nothing of this one."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
+
+    from aquila_npu.convert import megatron_dist
 
     final = iteration_dir(root, iteration)
     work = final + PARTIAL
+    where = f"--save {root}"
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)  # debris of an earlier killed save
         os.makedirs(work)
     dist.barrier()
     common = {"args": saved_args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
-    if fmt == "torch_dist":
-        dist_checkpointing.save(_sharded_state(model, optimizer, scheduler, common, with_optim, with_rng, False),
-                                work)
-    else:
-        state = dict(common)
-        for key, chunk in zip(_model_keys(model), _unwrapped(model)):
-            state[key] = chunk.state_dict()
-        if with_optim:
-            state["optimizer"] = optimizer.state_dict()
-            state["opt_param_scheduler"] = scheduler.state_dict()
-        if with_rng:
-            state["rng_state"] = [rng_state()]
-        path = _rank_file(work)
-        if with_optim and distributed_optimizer:  # a collective: the shards gathered to data-parallel rank 0
-            optimizer.save_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
-        if parallel_state.get_data_parallel_rank() == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.save(state, path)
-    dist.barrier()
+    failure = None
+    try:
+        if fmt == "torch_dist":
+            megatron_dist.save(_sharded_state(model, optimizer, scheduler, common, with_optim, with_rng, False),
+                               work, where)
+        else:
+            state = dict(common)
+            for key, chunk in zip(_model_keys(model), _unwrapped(model)):
+                state[key] = chunk.state_dict()
+            if with_optim:
+                state["optimizer"] = optimizer.state_dict()
+                state["opt_param_scheduler"] = scheduler.state_dict()
+            if with_rng:
+                state["rng_state"] = [rng_state()]
+            path = _rank_file(work)
+            if with_optim and distributed_optimizer:  # a collective: the shards gathered to data-parallel rank 0
+                optimizer.save_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
+            if parallel_state.get_data_parallel_rank() == 0:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.save(state, path)
+    except AquilaNpuError as exc:
+        failure = str(exc)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as either
+        failure = write_failure_message(exc, where)
+    failures = [failure]
+    if dist.get_world_size() > 1:
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+    if any(failures):
+        if dist.get_rank() == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        first = next(f for f in failures if f)
+        raise AquilaNpuError(f"{failure or first} (iteration {iteration} was not saved; the latest checkpoint "
+                             f"there is unchanged)")
     if dist.get_rank() == 0:
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(work, final)
-        tracker = os.path.join(root, TRACKER)
-        with open(tracker + PARTIAL, "w", encoding="utf-8") as f:
-            f.write(str(iteration))
-        os.replace(tracker + PARTIAL, tracker)
+        with reported_os_errors(where):
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(work, final)
+            tracker = os.path.join(root, TRACKER)
+            with open(tracker + PARTIAL, "w", encoding="utf-8") as f:
+                f.write(str(iteration))
+            os.replace(tracker + PARTIAL, tracker)
     dist.barrier()
     return final
 
@@ -160,7 +200,7 @@ def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt
 def load(root: str, model, optimizer, scheduler, with_optim: bool, with_rng: bool):
     """Load the latest checkpoint under ``root``, in whichever format it was saved, into the model (and optimizer,
     scheduler, RNG when asked); returns (iteration, saved args)."""
-    from megatron.core import dist_checkpointing
+    from aquila_npu.convert import megatron_dist
 
     found = read_tracker(root)
     if found is None:
@@ -171,21 +211,21 @@ def load(root: str, model, optimizer, scheduler, with_optim: bool, with_rng: boo
         raise AquilaNpuError(f"--load {root}: the tracker names {os.path.basename(folder)}, which is missing")
     is_dist = os.path.isfile(os.path.join(folder, "metadata.json"))
     if is_dist:
-        common = dist_checkpointing.load_common_state_dict(folder)
+        common = megatron_dist.load_common(folder)
     else:
-        from aquila_npu.convert.megatron_format import _safe_load
+        from aquila_npu.unpickling import load_weights_only
 
         path = _rank_file(folder)
         if not os.path.isfile(path):
             raise AquilaNpuError(f"--load {folder}: no {os.path.relpath(path, folder)}; the checkpoint was saved "
                                  f"with another tensor/pipeline split (convert it with python -m aquila_npu.convert)")
-        common = state = _safe_load(path)
+        common = state = load_weights_only(path, mmap=True)
     if with_optim and "opt_param_scheduler" not in common:
         raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
                              f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
     if is_dist:
-        state = dist_checkpointing.load(_sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True),
-                                        folder)
+        state = megatron_dist.load(_sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True),
+                                   folder)
     for key, chunk in zip(_model_keys(model), _unwrapped(model)):
         chunk.load_state_dict(state[key], strict=True)
     if with_optim:

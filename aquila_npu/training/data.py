@@ -53,12 +53,8 @@ def build_datasets(args, tokenizer: DatasetTokenizer):
     from megatron.core.datasets.utils import get_blend_from_list
 
     if not args.mock_data:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
         for prefix in get_blend_from_list(args.data_path)[0]:
-            if not IndexedDataset.exists(prefix):
-                raise AquilaNpuError(f"--data-path {prefix}: no {prefix}.bin/.idx; give the prefix the preprocessing "
-                                     f"step wrote (e.g. dataset/alpaca_text_document)")
+            check_indexed_dataset(prefix)
     config = GPTDatasetConfig(
         random_seed=args.seed, sequence_length=args.seq_length,
         blend=None if args.mock_data else get_blend_from_list(args.data_path), split=args.split,
@@ -124,11 +120,16 @@ def instruction_datasets(prefix: str, split: str, counts: list[int], seq_length:
     """(train, valid, test) InstructionDatasets over the records of ``prefix``, divided by ``split``."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+    opened = {}
     for key in ("input_ids", "labels"):
         if not IndexedDataset.exists(f"{prefix}_packed_{key}_document"):
             raise AquilaNpuError(f"--data-path {prefix}: no {prefix}_packed_{key}_document.bin/.idx; give the "
                                  f"--output-prefix of a GeneralInstructionHandler preprocessing run")
-    total = len(IndexedDataset(f"{prefix}_packed_input_ids_document"))
+        opened[key] = check_indexed_dataset(f"{prefix}_packed_{key}_document")
+    if not np.array_equal(opened["input_ids"].sequence_lengths, opened["labels"].sequence_lengths):
+        raise AquilaNpuError(f"--data-path {prefix}: its input_ids and labels datasets do not describe the same "
+                             f"samples (files of two preprocessing runs?); run the preprocessing step again")
+    total = len(opened["input_ids"])
     datasets = []
     for (start, end), samples, offset in zip(_split_bounds(split, total), counts, (0, 1, 2)):
         if end > start and samples:
@@ -170,3 +171,35 @@ def micro_batch_iterator(dataset, consumed: int, micro_batch_size: int, num_work
                           parallel_state.get_data_parallel_world_size())
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                             persistent_workers=num_workers > 0))
+
+
+def check_indexed_dataset(prefix: str, flag: str = "--data-path"):
+    """Open ``prefix``'s ``.bin``/``.idx`` and check that the one holds what the other describes; a truncated
+    ``.bin``, an unreadable ``.idx`` or one from another dataset is one line now, not a ValueError from megatron-core
+    mid-training. Returns the opened ``IndexedDataset``."""
+    import os
+
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+
+    from aquila_npu.errors import first_line
+
+    if not IndexedDataset.exists(prefix):
+        raise AquilaNpuError(f"{flag} {prefix}: no {prefix}.bin/.idx; give the prefix the preprocessing step wrote "
+                             f"(e.g. dataset/alpaca_text_document)")
+    # a reader whose set-up fails must still be deletable: IndexedDataset.__del__ deletes these two attributes
+    dataset = IndexedDataset.__new__(IndexedDataset)
+    dataset.bin_reader = dataset.index = None
+    try:
+        dataset.__init__(prefix, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - megatron-core's reader asserts and numpy raises on a damaged index
+        raise AquilaNpuError(f"{flag} {prefix}: {get_idx_path(prefix)} is not a readable Megatron index "
+                             f"({type(exc).__name__}: {first_line(exc)}); run the preprocessing step again") from None
+    index = dataset.index
+    expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size \
+        if len(index) else 0
+    actual = os.path.getsize(get_bin_path(prefix))
+    if actual != expected:
+        raise AquilaNpuError(f"{flag} {prefix}: {get_bin_path(prefix)} holds {actual:,} bytes where its .idx "
+                             f"describes {expected:,} (a truncated copy, or the .idx of another dataset); copy both "
+                             f"files again or run the preprocessing step again")
+    return dataset

@@ -67,6 +67,10 @@ class Trainer:
         if args.tokenizer_name_or_path:
             self.tokenizer = data.DatasetTokenizer(args.tokenizer_name_or_path, 0)
         self.spec = resolve_spec(args, self.plugins, self.tokenizer.vocab_size if self.tokenizer else None)
+        if args.seq_length > self.spec.max_position_embeddings:  # Megatron-LM's validate_args refuses it too
+            raise AquilaNpuError(f"--seq-length {args.seq_length} is longer than {self.spec.name}'s "
+                                 f"--max-position-embeddings {self.spec.max_position_embeddings}: lower --seq-length, "
+                                 f"or raise --max-position-embeddings to train the model on longer positions")
         if self.tokenizer is None:
             self.tokenizer = data.DatasetTokenizer(None, self.spec.vocab_size)
         self.dtype = DTYPES[_dtype_name(args)]
@@ -94,6 +98,8 @@ class Trainer:
                                  f"--micro-batch-size x data-parallel size ({args.micro_batch_size} x {self.dp})")
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp)
         self.sequence_parallel = args.sequence_parallel and tp > 1
+        if args.save:
+            checkpointing.check_writable(args.save)
         self._build_model_and_optimizer()
 
     # --- set-up ---------------------------------------------------------------------------------------------

@@ -121,3 +121,46 @@ def test_upstream_route_and_driver_train_to_the_same_losses(tmp_path, tokenizer_
         losses[name] = {int(m.group(1)): float(m.group(3)) for m in LOSS.finditer(output)}
     assert sorted(losses["upstream"]) == list(range(1, 7))
     assert losses["driver"] == losses["upstream"]
+
+
+def test_a_crafted_torch_dist_checkpoint_is_refused_by_pretrain_gpt(tmp_path, tokenizer_dir, tiny_hf_dir):
+    """`pretrain_gpt.py --plugin --load` of a torch_dist checkpoint whose .metadata is a crafted pickle: Megatron-LM's
+    own loader reaches it deep inside torch.distributed.checkpoint; the job ends with our one line, and the payload
+    never runs."""
+    import pickle
+
+    from test_untrusted_checkpoints import Payload
+
+    run_python("-m", "aquila_npu.convert", "--load-dir", str(tiny_hf_dir), "--save-dir", str(tmp_path / "dist"),
+               "--ckpt-format", "torch_dist", "--no-progress", check=True)
+    marker, metadata = tmp_path / "payload-ran", tmp_path / "dist" / "iter_0000001" / ".metadata"
+    metadata.write_bytes(pickle.dumps(Payload(marker)))
+    result = run_python(
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+        str(Path(MEGATRON_LM_PATH) / "pretrain_gpt.py"), "--plugin", "aquila2", "--model", "aquila2-tiny",
+        "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir),
+        "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1",
+        "--lr", "1e-4", "--eval-interval", "100", "--eval-iters", "0", "--load", str(tmp_path / "dist"),
+        "--ckpt-format", "torch_dist", "--finetune", "--no-load-optim", "--no-load-rng", cwd=MEGATRON_LM_PATH,
+        timeout=600)
+    output = result.stdout + result.stderr
+    assert f"aquila-npu: error: {metadata} holds io.open" in output, output[-4000:]
+    assert "failed (exitcode: 2)" in output and not marker.exists()  # torchrun reports the worker's one-line exit
+
+
+def test_a_save_folder_pretrain_gpt_cannot_write_fails_before_training(tmp_path, tokenizer_dir):
+    import fault_injection
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    result = run_python(
+        str(Path(MEGATRON_LM_PATH) / "pretrain_gpt.py"), "--plugin", "aquila2", "--model", "aquila2-tiny",
+        "--device", "cpu", "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+        str(tokenizer_dir), "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
+        "--train-iters", "1", "--lr", "1e-4", "--eval-interval", "100", "--eval-iters", "0", "--save",
+        str(locked / "ckpt"), "--save-interval", "1", cwd=MEGATRON_LM_PATH, timeout=600,
+        env=fault_injection.environment(read_only=locked))
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (f"aquila-npu: error: --save {locked / 'ckpt'}: read-only file "
+                                                      f"system; choose a writable location")
+    assert "iteration" not in result.stdout and os.listdir(locked) == []
