@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -364,3 +365,18 @@ def test_a_damaged_dataset_fails_before_training(tmp_path, tokenizer_dir, text_d
     result = train("--train-iters", "1", tokenizer_dir=tokenizer_dir, data=prefix)
     one_line_error(result, "pretrain", f"--data-path {prefix}", message)
     assert " iteration " not in result.stdout
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_stops_every_rank_with_the_cause(tmp_path):
+    """Two tensor-parallel ranks: the save fails on one, and both end in one line naming the cause (no rank waits
+    forever for the other), nothing of the checkpoint is left."""
+    save = tmp_path / "ckpt"
+    result = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *TRAIN, "--mock-data",
+                        "--tensor-model-parallel-size", "2", "--train-iters", "2", "--save", str(save),
+                        "--save-interval", "2", env=fault_injection.environment(full_disk=(save, 1000)))
+    errors = [line for line in result.stderr.splitlines() if line.startswith("aquila-npu pretrain: error: ")]
+    assert len(errors) == 2 and len(set(errors)) == 1, result.stderr[-3000:]
+    assert errors[0].startswith(f"aquila-npu pretrain: error: --save {save}: no space left on the device")
+    assert result.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", result.stderr)  # torchrun's report
+    assert os.listdir(save) == []

@@ -117,7 +117,13 @@ def save(sharded_state_dict: dict, root: str, where: str) -> None:
     except (*USER_ERRORS, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - the writer's workers report failures as RuntimeError
+        if getattr(exc, "failures", None) == {}:  # this rank wrote its part; another one could not
+            raise OtherRankFailed(f"{where}: another rank could not write its part of the checkpoint") from None
         raise AquilaNpuError(write_failure_message(first_failure(exc), where)) from None
+
+
+class OtherRankFailed(AquilaNpuError):
+    """A collective write failed on another rank; that rank reports why."""
 
 
 def is_dist_checkpoint(path: str) -> bool:

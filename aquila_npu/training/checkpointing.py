@@ -150,7 +150,7 @@ def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt
         os.makedirs(work)
     dist.barrier()
     common = {"args": saved_args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration}
-    failure = None
+    failure, here = None, True  # what failed, and whether it failed on this rank
     try:
         if fmt == "torch_dist":
             megatron_dist.save(_sharded_state(model, optimizer, scheduler, common, with_optim, with_rng, False),
@@ -171,19 +171,20 @@ def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt
                 os.makedirs(os.path.dirname(path), exist_ok=True)
                 torch.save(state, path)
     except AquilaNpuError as exc:
-        failure = str(exc)
+        failure, here = str(exc), not isinstance(exc, megatron_dist.OtherRankFailed)
     except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as either
         failure = write_failure_message(exc, where)
-    failures = [failure]
+    failures = [(failure, here)]
     if dist.get_world_size() > 1:
         failures = [None] * dist.get_world_size()
-        dist.all_gather_object(failures, failure)
-    if any(failures):
+        dist.all_gather_object(failures, (failure, here))
+    if any(message for message, _ in failures):
         if dist.get_rank() == 0:
             shutil.rmtree(work, ignore_errors=True)
-        first = next(f for f in failures if f)
-        raise AquilaNpuError(f"{failure or first} (iteration {iteration} was not saved; the latest checkpoint "
-                             f"there is unchanged)")
+        # every rank reports the cause: the first rank's own failure, where one rank failed for all
+        cause = next((message for message, own in failures if message and own), None) or failure
+        raise AquilaNpuError(f"{cause} (iteration {iteration} was not saved; the latest checkpoint there is "
+                             f"unchanged)")
     if dist.get_rank() == 0:
         with reported_os_errors(where):
             if os.path.exists(final):
