@@ -7,7 +7,6 @@ is an attack (plain unpickling does create the marker)."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import shutil
 import sys
@@ -188,5 +187,4 @@ def test_the_patches_are_listed_and_reversible():
     unpickling.uninstall()
     assert filesystem.pickle is pickle
     unpickling.install()
-    assert filesystem.pickle is not pickle and sys.modules["pickle"] is pickle
-    assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") is None
+    assert filesystem.pickle is not pickle and sys.modules["pickle"] is pickle  # only torch's reader sees it
