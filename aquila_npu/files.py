@@ -88,23 +88,9 @@ def _create_new_file(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
 
 
-def check_writable_file(path: str, flag: str) -> None:
-    """Fail now, in one line, when ``path`` (the value of ``flag``) could not be written at the end of the run: a
-    folder, or a read-only or forbidden location."""
-    if os.path.isdir(path):
-        raise AquilaNpuError(f"{flag} {path} is a folder; give a file path")
-    probe = _temporary_path(path, "partial")
-    with reported_os_errors(f"{flag} {path}"):
-        os.close(_create_new_file(probe))
-        os.unlink(probe)
-
-
-def check_writable_folder(path: str, flag: str) -> None:
-    """Fail now, in one line, when the folder ``path`` (the value of ``flag``) cannot be created or written: a
-    file is written there (and synced, so that a full disk shows too) and removed."""
-    probe = _temporary_path(os.path.join(path, "write-test"), "partial")
-    with reported_os_errors(f"{flag} {path}"):
-        os.makedirs(path, exist_ok=True)
+def _write_probe(probe: str, where: str) -> None:
+    """Create a file at ``probe``, write to it and sync it (so that a full disk shows too), and remove it."""
+    with reported_os_errors(where):
         try:
             with os.fdopen(_create_new_file(probe), "w", encoding="utf-8") as f:
                 f.write("ok\n")
@@ -113,6 +99,21 @@ def check_writable_folder(path: str, flag: str) -> None:
         finally:
             if os.path.exists(probe):
                 os.unlink(probe)
+
+
+def check_writable_file(path: str, flag: str) -> None:
+    """Fail now, in one line, when ``path`` (the value of ``flag``) could not be written at the end of the run: a
+    folder, a read-only or forbidden location, a full disk."""
+    if os.path.isdir(path):
+        raise AquilaNpuError(f"{flag} {path} is a folder; give a file path")
+    _write_probe(_temporary_path(path, "partial"), f"{flag} {path}")
+
+
+def check_writable_folder(path: str, flag: str) -> None:
+    """Fail now, in one line, when the folder ``path`` (the value of ``flag``) cannot be created or written."""
+    with reported_os_errors(f"{flag} {path}"):
+        os.makedirs(path, exist_ok=True)
+    _write_probe(_temporary_path(os.path.join(path, "write-test"), "partial"), f"{flag} {path}")
 
 
 @contextlib.contextmanager
