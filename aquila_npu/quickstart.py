@@ -38,14 +38,13 @@ class QuickstartOptions:
     stop_after: str | None = None  # a stage key (STAGE_KEYS): the stages up to it only
 
 
-def _sample(option: str | None, *parts: str, flag: str) -> str:
-    """``option`` when given, else the installed sample data's file (``aquila_npu.sample_data``)."""
+def _sample(*parts: str) -> str:
+    """A file or folder of the installed sample data (``aquila_npu.sample_data``)."""
     from aquila_npu import sample_data
 
-    path = option or str(sample_data.path(*parts))
+    path = str(sample_data.path(*parts))
     if not os.path.exists(path):
-        raise AquilaNpuError(f"{path} does not exist; pass {flag}" if option else
-                             f"the sample data lacks {path} (a damaged install?); reinstall aquila-npu or pass {flag}")
+        raise AquilaNpuError(f"the sample data lacks {path} (a damaged install?); reinstall aquila-npu")
     return path
 
 
@@ -194,7 +193,7 @@ def _boolq_stage(work: Path, mg_dir: str, hf_dir: str, tokenizer_dir: str, tp: i
     """``python -m aquila_npu.evaluate boolq`` on the converted checkpoint vs ``transformers``, lm-eval's way."""
     from aquila_npu.parity import hf_loglikelihoods
 
-    data, out = _sample(None, "boolq", "dev_300.jsonl", flag="a BoolQ file"), work / "boolq.json"
+    data, out = _sample("boolq", "dev_300.jsonl"), work / "boolq.json"
     command = ["-m", "aquila_npu.evaluate", "boolq", "--load", mg_dir, "--tokenizer-name-or-path", tokenizer_dir,
                "--tensor-model-parallel-size", str(tp), "--task-data-path", data, "--limit", str(BOOLQ_EXAMPLES),
                "--output", str(out)] + (["--device", device] if device else [])
@@ -216,7 +215,7 @@ def _tokenizer_dir(option: str | None, family) -> str:
     if option:
         folder = option
     elif family.tokenizer.sample_dir:
-        folder = _sample(None, family.tokenizer.sample_dir, flag="--tokenizer DIR")
+        folder = _sample(family.tokenizer.sample_dir)
     else:
         raise AquilaNpuError(f"the {family.name} model family bundles no sample tokenizer; pass --tokenizer DIR")
     if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
@@ -348,7 +347,7 @@ def _load_tp2(run: _Run) -> tuple[bool, str]:
 
 
 def _preprocess(run: _Run) -> tuple[bool, str]:
-    alpaca = _sample(run.options.alpaca, "alpaca", "alpaca_300.parquet", flag="--alpaca FILE")
+    alpaca = run.options.alpaca or _sample("alpaca", "alpaca_300.parquet")  # preprocess checks a given one
     return _preprocess_stage(run.work, run.tokenizer_dir, alpaca)
 
 

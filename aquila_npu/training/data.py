@@ -8,12 +8,13 @@ by broadcast: the datasets are memory-mapped, so this costs little and needs no 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from aquila_npu.errors import AquilaNpuError
+from aquila_npu.errors import AquilaNpuError, first_line
 from aquila_npu.preprocess.handlers import IGNORE_INDEX
 
 
@@ -177,11 +178,7 @@ def check_indexed_dataset(prefix: str, flag: str = "--data-path"):
     """Open ``prefix``'s ``.bin``/``.idx`` and check that the one holds what the other describes; a truncated
     ``.bin``, an unreadable ``.idx`` or one from another dataset is one line now, not a ValueError from megatron-core
     mid-training. Returns the opened ``IndexedDataset``."""
-    import os
-
     from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
-
-    from aquila_npu.errors import first_line
 
     if not IndexedDataset.exists(prefix):
         raise AquilaNpuError(f"{flag} {prefix}: no {prefix}.bin/.idx; give the prefix the preprocessing step wrote "
