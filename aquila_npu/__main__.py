@@ -9,7 +9,8 @@ Subcommands:
   plugins     installed plugins, their hooks, model specs and devices (``--model NAME``: one spec in detail;
               ``--patches``: the patches a device registers)
   quickstart  the seed workflow end to end on a tiny model, on whatever device this machine has
-  doctor      versions, devices, kernel implementations, and what the NPU path lacks on this machine
+  doctor      versions, devices, kernel implementations, and what the NPU path lacks on this machine;
+              ``--check``: run this build on the device against the reference (one table, a verdict, exit 1)
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.patches:
         from aquila_npu import megatron_lm
 
-        device = plugins.select_device(args.device)
+        # listing needs no device: `--device npu` lists the NPU's patches on any machine
+        device = args.device if args.device in plugins.devices() else plugins.select_device(args.device)
         # the Megatron-LM route's own patches are listed too (the autoload registers them in such a job)
         route = plugins.pm.get_plugin("megatron-lm") is None
         if route:
@@ -103,8 +105,16 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from aquila_npu import doctor
 
-    print(doctor.render(doctor.collect()))
-    return 0
+    if not args.check:
+        print(doctor.render(doctor.collect()))
+        return 0
+    from aquila_npu import doctor_check
+    from aquila_npu.known_warnings import silence
+
+    silence()
+    rows, device = doctor_check.run(args.device, all_reduce=args.all_reduce)
+    print(doctor_check.render(rows, device), flush=True)
+    return 1 if any(r.failed for r in rows) else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "load-tp2, preprocess, pretrain, finetune, convert-trained, generate, chat, evaluate)")
     q.set_defaults(func=cmd_quickstart)
     d = sub.add_parser("doctor", help="versions, devices, kernels, and what the NPU path lacks here")
+    d.add_argument("--check", action="store_true",
+                   help="run the device's kernels, a tiny model's training step and decode against the reference, "
+                        "an all-reduce and the CANN check; exit 1 when anything is off")
+    d.add_argument("--device", default=None, help="the device to check (default: the one aquila-npu selects)")
+    d.add_argument("--no-all-reduce", dest="all_reduce", action="store_false",
+                   help="skip the all-reduce across the local devices")
     d.set_defaults(func=cmd_doctor)
     return parser
 

@@ -36,8 +36,9 @@ def _activate(device: str) -> None:
     global registry
     from aquila_npu import unpickling
 
-    unpickling.install()
     plugins = plugin_manager.get()
+    plugins.hook.aquila_npu_prepare_process(device=device)  # before anything takes names from torch.cuda
+    unpickling.install()
     plugin_manager.set_active_device(device)
     registry = plugins.patch_registry(device)
     registry.apply()

@@ -60,6 +60,7 @@ def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, p
     device = plugins.select_device(device)
     kernel_set = plugins.kernels(device, kernels)
     os.environ.update(options.environment(device_options or {}, device, plugins.device_options()))
+    plugins.hook.aquila_npu_prepare_process(device=device)
     plugin_manager.set_active_device(device)
     plugin_manager.set_kernel_request(kernels)
     registry = plugins.patch_registry(device)

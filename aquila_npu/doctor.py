@@ -84,7 +84,7 @@ def collect() -> Report:
 
 def kernel_rows(device: str, plugins) -> list[dict]:
     """Per op: its flag, what runs without the flag, and the device's fused kernel (what the flag selects)."""
-    from aquila_npu.kernels import FLAGS, OPS
+    from aquila_npu.kernels.seams import FLAGS, OPS
 
     offered = plugins.fused_kernels(device)
     default = plugins.kernels(device).describe()

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     import argparse
 
     from aquila_npu.device_options import DeviceOption
-    from aquila_npu.kernels import Kernel
+    from aquila_npu.kernels.seams import Kernel
     from aquila_npu.patching import PatchRegistry
     from aquila_npu.specs import ModelFamily
 
@@ -78,6 +78,15 @@ def aquila_npu_device_unavailable_reason(device: str) -> str | None:
 @hookspec(firstresult=True)
 def aquila_npu_distributed_backend(device: str) -> str | None:
     """The ``torch.distributed`` backend for ``device`` (``gloo``, ``nccl``, ``hccl``)."""
+
+
+@hookspec
+def aquila_npu_prepare_process(device: str) -> None:
+    """First thing in every process of a job on ``device``, before any patch is applied and before Megatron is
+    imported — on the Megatron-LM route from the start-up hook (in the job's child processes too), on ours from
+    ``distributed.initialize``: set up what must hold process-wide before other code takes names from ``torch``
+    (the npu plugin applies torch_npu's CUDA bridge, and exports the variable that makes child processes apply it at
+    ``import torch``). Must not bind a device: ``aquila_npu_initialize_device`` does that."""
 
 
 @hookspec(firstresult=True)

@@ -10,7 +10,7 @@ Megatron-LM's ``pretrain_gpt.py`` reads a layer spec through ``--spec MODULE NAM
 
 from __future__ import annotations
 
-from aquila_npu.kernels import KernelSet
+from aquila_npu.kernels.seams import KernelSet
 
 
 def layer_spec(kernels: KernelSet):

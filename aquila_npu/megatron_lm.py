@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from aquila_npu import device_options
 from aquila_npu.errors import AquilaNpuError
-from aquila_npu.kernels import FLAGS as KERNEL_FLAGS
+from aquila_npu.kernels.seams import FLAGS as KERNEL_FLAGS
 
 OUR_FLAGS = ("--plugin", "--model", "--device")
 # the kernel switches, on and off (Megatron-LM's own --use-flash-attn only concerns its legacy models)

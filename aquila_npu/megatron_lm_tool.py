@@ -25,6 +25,7 @@ def main(argv: list[str]) -> None:
         device = plugins.select_device(os.environ.get(plugin_manager.ENV_DEVICE))
     except AquilaNpuError as exc:
         sys.exit(f"aquila-npu megatron_lm_tool: error: {exc}")
+    plugins.hook.aquila_npu_prepare_process(device=device)
     plugin_manager.set_active_device(device)
     plugins.patch_registry(device).apply()
     from aquila_npu import unpickling

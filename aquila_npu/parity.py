@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from aquila_npu import kernels
+from aquila_npu.kernels import seams as kernels
 
 SAMPLE_TEXTS = (
     "Aquila2 is a family of bilingual language models trained by the Beijing Academy of Artificial Intelligence.",

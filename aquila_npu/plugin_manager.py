@@ -119,7 +119,7 @@ class Plugins:
     def kernels(self, device: str, requested: dict[str, bool | None] | None = None):
         """The ``KernelSet`` for ``device``: its fused kernels where ``requested`` (``{op: True/False/None}``, None:
         the device's default) asks for them, the reference elsewhere. Asking for one it lacks is an error."""
-        from aquila_npu import kernels
+        from aquila_npu.kernels import seams as kernels
 
         return kernels.choose(device, self.fused_kernels(device), requested)
 

@@ -306,7 +306,7 @@ def _tp1(run: _Run) -> tuple[bool, str]:
 
 
 def _fused(run: _Run) -> tuple[bool, str]:
-    from aquila_npu import kernels
+    from aquila_npu.kernels import seams as kernels
 
     offered = [op for op in kernels.OPS if op in run.plugins.fused_kernels(run.device)]
     fused = _megatron_logits(run.hf_dir, run.tokens_file, str(run.work / "logits-fused.safetensors"), 1,

@@ -79,10 +79,12 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
 
 class CoreAttention(torch.nn.Module):
     """megatron-core core attention (``DotProductAttention``'s constructor and forward) over an attention function
-    with ``attention``'s signature: ``[sq, b, heads, d]`` in, ``[sq, b, heads * d]`` out. Subclasses set ``kernel``;
-    this one computes with the reference."""
+    with ``attention``'s signature: ``[sq, b, heads, d]`` in, ``[sq, b, heads * d]`` out. Subclasses set ``kernel``
+    and, where the device has a separate operator for inference (generation, evaluation: the model in eval mode with
+    autograd off), ``inference_kernel``; this one computes with the reference."""
 
     kernel = staticmethod(attention)
+    inference_kernel = None
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, **_unused) -> None:
@@ -97,7 +99,8 @@ class CoreAttention(torch.nn.Module):
             raise ValueError(f"{type(self).__name__}: attention bias and packed sequences are not supported")
         # megatron-core's masks are boolean, True = masked; anything else here is its causal default
         mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
-        out = self.kernel(query, key, value, self.scale, mask)
+        inference = self.inference_kernel is not None and not self.training and not torch.is_grad_enabled()
+        out = (self.inference_kernel if inference else self.kernel)(query, key, value, self.scale, mask)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
 

@@ -115,7 +115,7 @@ def aquila_npu_megatron_defaults(device):
 def aquila_npu_kernels(device):
     if device != DEVICE:
         return None
-    from aquila_npu.kernels import pytorch_kernels
+    from aquila_npu.kernels.seams import pytorch_kernels
 
     # the reference by default; the seed's --use-fused-rmsnorm / --use-flash-attn take PyTorch's CPU kernels
     return pytorch_kernels(default=False)

@@ -73,7 +73,7 @@ def _transformer_engine_installed() -> bool:
 def aquila_npu_kernels(device):
     if device != DEVICE:
         return None
-    from aquila_npu.kernels import Kernel, pytorch_kernels
+    from aquila_npu.kernels.seams import Kernel, pytorch_kernels
 
     offered = pytorch_kernels(default=True)
     offered["swiglu"] = Kernel("megatron-core fused bias-SwiGLU (torch.compile)", None,

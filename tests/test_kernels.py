@@ -86,7 +86,8 @@ def test_the_rotary_slot_adapter_equals_megatron_cores_rope(rot_dim):
     the rotary dimension is smaller than the head (the rest passes through)."""
     from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
 
-    from aquila_npu.kernels import megatron_rotary_slot, reference
+    from aquila_npu.kernels import reference
+    from aquila_npu.kernels.seams import megatron_rotary_slot
 
     torch.manual_seed(6)
     s, d = 7, 16
@@ -125,7 +126,7 @@ def test_flash_attn_contract(monkeypatch, heads, groups, sq, sk):
 # ------------------------------------------------------------------ choosing kernels
 def test_each_device_has_its_defaults_and_flags_choose():
     from aquila_npu import plugin_manager
-    from aquila_npu.kernels import OPS
+    from aquila_npu.kernels.seams import OPS
 
     plugins = plugin_manager.get()
     assert plugins.kernels("cpu").fused == set()

@@ -4,6 +4,7 @@ built wheel, installed in a fresh virtual environment, runs the quickstart in an
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_python
 
 
 def test_every_subpackage_is_listed_in_pyproject():
@@ -71,3 +72,18 @@ def test_the_installed_wheel_runs_the_quickstart_in_an_unrelated_folder(installe
         assert f"[ok] {stage}:" in result.stdout
     assert result.stdout.strip().endswith("quickstart passed")
     assert (elsewhere / "qs" / "data" / "alpaca_text_document.bin").is_file()
+
+
+def test_from_the_repository_root_nothing_imports_our_kernels_folder_as_kernels():
+    """With the checkout's root on sys.path (`python -c` run there), `transformers` probes for Hugging Face's own
+    `kernels` package: it must find no module of ours (the folder is a namespace portion without code), so
+    transformers sees no hub kernels and none of our modules is imported."""
+    code = ("import importlib.util, json, sys, transformers\n"
+            "from transformers.utils import import_utils\n"
+            "spec = importlib.util.find_spec('kernels')\n"
+            f"ours = [m for m, mod in list(sys.modules.items()) if (getattr(mod, '__file__', None) or '')"
+            f".startswith({str(REPO) + '/'!r})]\n"
+            "print(json.dumps({'origin': spec and spec.origin, 'hub kernels': import_utils.is_kernels_available(),"
+            " 'ours': ours}))")
+    result = run_python("-c", code, cwd=REPO, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"origin": None, "hub kernels": False, "ours": []}

@@ -49,7 +49,7 @@ def test_parameter_count_equals_transformers(name, megatron_world):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from aquila_npu import layers, weights
-    from aquila_npu.kernels import choose
+    from aquila_npu.kernels.seams import choose
 
     spec = FAMILY.spec(name)
     config = spec.transformer_config(use_cpu_initialization=True, perform_initialization=False,
@@ -68,7 +68,7 @@ def test_rotary_base_reaches_the_model(tiny_spec, megatron_world):
     from megatron.core.models.gpt import GPTModel
 
     from aquila_npu import layers
-    from aquila_npu.kernels import choose
+    from aquila_npu.kernels.seams import choose
 
     spec = tiny_spec.replace(rotary_base=20000.0)
     model = GPTModel(config=spec.transformer_config(use_cpu_initialization=True),

@@ -37,12 +37,25 @@ class Kernel:
         is built (choosing kernels imports no Megatron); ``None`` keeps megatron-core's own.
     config: the ``TransformerConfig`` fields this implementation needs (e.g. ``apply_rope_fusion``).
     default: used when its flag is not given (per device: on for NPU and CUDA, off for the CPU).
+    function: dotted path of the op as a function with the reference's signature, for ``aquila-npu doctor
+        --check``; default: the module's ``kernel`` (and ``inference_kernel``) attribute.
     """
 
     name: str
     module: Optional[str] = None
     config: Mapping[str, Any] = field(default_factory=dict)
     default: bool = True
+    function: Optional[str] = None
+
+    def functions(self) -> dict[str, Callable]:
+        """``{"": op}`` (and ``{"inference": op}`` where inference has its own operator), or ``{}`` where the op
+        exists only inside a megatron-core module (checked through the whole model instead)."""
+        if self.function is not None:
+            path, _, name = self.function.rpartition(".")
+            return {"": getattr(importlib.import_module(path), name)}
+        module = self.load()
+        found = {"": getattr(module, "kernel", None), "inference": getattr(module, "inference_kernel", None)}
+        return {role: fn for role, fn in found.items() if fn is not None}
 
     def load(self) -> Optional[type]:
         if self.module is None:
@@ -158,8 +171,11 @@ def npu_kernels() -> dict[str, Kernel]:
     plugin's patch that puts ``npu_rotary_mul`` into megatron-core's fused-RoPE slot."""
     return {
         "rms_norm": Kernel("torch_npu.npu_rms_norm", "aquila_npu.kernels.npu.NpuRMSNorm"),
-        "attention": Kernel("torch_npu.npu_fusion_attention", "aquila_npu.kernels.npu.NpuFlashAttention"),
-        "rotary": Kernel("torch_npu.npu_rotary_mul", None, {"apply_rope_fusion": True}),
+        # training / inference (generation, evaluation)
+        "attention": Kernel("torch_npu.npu_fusion_attention/npu_fused_infer_attention_score",
+                            "aquila_npu.kernels.npu.NpuFlashAttention"),
+        "rotary": Kernel("torch_npu.npu_rotary_mul", None, {"apply_rope_fusion": True},
+                         function="aquila_npu.kernels.npu.apply_rotary"),
         "swiglu": Kernel("torch_npu.npu_swiglu", "aquila_npu.kernels.npu.NpuSwiGLU",
                          {"use_te_activation_func": True, "bias_activation_fusion": False}),
     }
