@@ -18,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from aquila_npu import device_options, kernels, plugin_manager
+from aquila_npu import device_options, plugin_manager
 from aquila_npu.errors import AquilaNpuError
+from aquila_npu.kernels import seams as kernels
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

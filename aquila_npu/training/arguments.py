@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-from aquila_npu import device_options, kernels, plugin_manager
+from aquila_npu import device_options, plugin_manager
 from aquila_npu.errors import AquilaNpuError
+from aquila_npu.kernels import seams as kernels
 
 # flags accepted for compatibility: what they ask for is what the driver does anyway (see the module docstring)
 ACCEPTED_SWITCHES = (

@@ -12,8 +12,9 @@ from functools import partial
 
 import torch
 
-from aquila_npu import device_options, distributed, kernels, plugin_manager
+from aquila_npu import device_options, distributed, plugin_manager
 from aquila_npu.errors import AquilaNpuError
+from aquila_npu.kernels import seams as kernels
 from aquila_npu.specs import ModelSpec
 from aquila_npu.training import checkpointing, data
 from aquila_npu.training.arguments import ARCHITECTURE
@@ -105,7 +106,10 @@ class Trainer:
     # --- set-up ---------------------------------------------------------------------------------------------
     def _build_model_and_optimizer(self) -> None:
         from megatron.core import parallel_state
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+        )
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
