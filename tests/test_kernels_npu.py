@@ -54,6 +54,20 @@ def test_rms_norm(dtype, shape):
            "npu_rms_norm")
 
 
+def test_rms_norm_gives_gamma_the_inputs_dtype():
+    """npu_rms_norm needs gamma in x's dtype: a bf16 activation with an fp32 weight (or the reverse) is computed in
+    the wider dtype, as the reference's type promotion does."""
+    from aquila_npu.kernels import npu, reference
+
+    torch.manual_seed(12)
+    x, w = torch.randn(5, 2, 64, dtype=torch.bfloat16), 1 + 0.1 * torch.randn(64)
+    for a, b in ((x, w), (x.float(), w.bfloat16())):
+        out = npu.rms_norm(a, b, 1e-5)
+        expected = reference.rms_norm(a, b, 1e-5)
+        assert out.dtype == expected.dtype == torch.float32
+        torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["sbhd", "bshd"])
 def test_apply_rotary(dtype, layout):

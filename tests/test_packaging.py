@@ -74,16 +74,17 @@ def test_the_installed_wheel_runs_the_quickstart_in_an_unrelated_folder(installe
     assert (elsewhere / "qs" / "data" / "alpaca_text_document.bin").is_file()
 
 
-def test_from_the_repository_root_nothing_imports_our_kernels_folder_as_kernels():
+def test_from_the_repository_root_our_folders_are_no_top_level_packages():
     """With the checkout's root on sys.path (`python -c` run there), `transformers` probes for Hugging Face's own
-    `kernels` package: it must find no module of ours (the folder is a namespace portion without code), so
-    transformers sees no hub kernels and none of our modules is imported."""
+    `kernels` package: it must find no module of ours (our `kernels/` and `plugins/` folders are namespace portions
+    without code), so transformers sees no hub kernels and none of our modules is imported."""
     code = ("import importlib.util, json, sys, transformers\n"
             "from transformers.utils import import_utils\n"
-            "spec = importlib.util.find_spec('kernels')\n"
+            "specs = [importlib.util.find_spec(name) for name in ('kernels', 'plugins')]\n"
             f"ours = [m for m, mod in list(sys.modules.items()) if (getattr(mod, '__file__', None) or '')"
             f".startswith({str(REPO) + '/'!r})]\n"
-            "print(json.dumps({'origin': spec and spec.origin, 'hub kernels': import_utils.is_kernels_available(),"
-            " 'ours': ours}))")
+            "print(json.dumps({'origins': [s and s.origin for s in specs], "
+            "'hub kernels': import_utils.is_kernels_available(), 'ours': ours}))")
     result = run_python("-c", code, cwd=REPO, check=True)
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"origin": None, "hub kernels": False, "ours": []}
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"origins": [None, None], "hub kernels": False,
+                                                                  "ours": []}
