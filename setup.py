@@ -1,7 +1,7 @@
 """Installs the start-up hook ``aquila_npu-autoload.pth`` next to the package.
 
 Everything else lives in pyproject.toml. Python runs a ``.pth`` line that begins with ``import`` at start-up; ours
-only imports ``aquila_npu.autoload`` when ``--plugin`` is on the command line (or a parent process of the job set
+only imports ``aquila_npu.megatron_lm.startup`` when ``--plugin`` is on the command line (or a parent process of the job set
 ``AQUILA_NPU_PLUGINS``), so that ``torchrun pretrain_gpt.py --plugin aquila2`` works on an unmodified Megatron-LM.
 setuptools has no declarative way to put a file at the root of site-packages, hence this small build_py hook; it
 handles both regular and editable (PEP 660) installs.

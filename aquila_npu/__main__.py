@@ -37,7 +37,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if selected:
         plugins.require(selected)
     if args.patches:
-        from aquila_npu import megatron_lm
+        from aquila_npu.megatron_lm import training as megatron_lm
 
         # listing needs no device: `--device npu` lists the NPU's patches on any machine
         device = args.device if args.device in plugins.devices() else plugins.select_device(args.device)

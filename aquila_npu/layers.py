@@ -3,9 +3,10 @@
 ``layer_spec(kernels)`` mirrors ``megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec`` for a dense
 RMSNorm/SwiGLU/RoPE decoder, but takes the norm, core attention and MLP activation from a ``KernelSet``
 (``aquila_npu.kernels``); the set's ``config_overrides()`` are the ``TransformerConfig`` fields it needs beside.
+Self-attention is megatron-core's with rotated keys in the static KV cache (``aquila_npu.kv_cache``).
 
-Megatron-LM's ``pretrain_gpt.py`` reads a layer spec through ``--spec MODULE NAME``; the autoload passes
-``--spec aquila_npu.megatron_lm_spec layer_spec`` (the spec for the device selected in this process).
+Megatron-LM's ``pretrain_gpt.py`` reads a layer spec through ``--spec MODULE NAME``; the start-up hook passes
+``--spec aquila_npu.megatron_lm.layer_spec layer_spec`` (the spec for the device selected in this process).
 """
 
 from __future__ import annotations
@@ -16,19 +17,21 @@ from aquila_npu.kernels.seams import KernelSet
 def layer_spec(kernels: KernelSet):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.attention import SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP, MLPSubmodules
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+    from aquila_npu.kv_cache import RotatedKeyCacheSelfAttention
+
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=kernels.rms_norm.load(),
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=RotatedKeyCacheSelfAttention,  # keys enter the static KV cache rotated
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,

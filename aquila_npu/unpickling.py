@@ -5,7 +5,7 @@ file carries: torch.distributed.checkpoint reads ``.metadata`` with plain ``pick
 objects stored in ``.distcp`` files (RNG state, ``_extra_state``) with ``weights_only=False``, and megatron-core reads
 ``common.pt`` with torch's default (weights-only today, but an environment variable turns that off, and a refusal
 is a page of traceback). The three patches here close them on every route: our drivers install them before opening
-a checkpoint, the Megatron-LM route at interpreter start-up (``aquila_npu.autoload``).
+a checkpoint, the Megatron-LM route at interpreter start-up (``aquila_npu.megatron_lm.startup``).
 
 * ``.metadata``: a restricted unpickler that admits only the record classes torch's distributed checkpoint format
   defines (its metadata and planner dataclasses and enums), ``torch.Size``, dtypes and layouts;

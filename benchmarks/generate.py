@@ -8,6 +8,11 @@ timed calls (taken in turns) after one warm-up call each. Target (issue 6): ours
 
     python benchmarks/generate.py [--device cpu|cuda] [--models aquila2-tiny,small,medium] [--batches 1,8]
         [--new-tokens 64] [--dtype fp32|bf16] [--repeat 3] [--fused-kernels]
+
+``--decode-step``: instead, the time of one decode step at KV-cache lengths 64 and 1024 (``--cache-lengths``), for
+both: a prompt of that many tokens, generated with 8 and with 40 new tokens; per step = the difference of the two
+wall times (median of ``--repeat``) over the 32 extra steps, so the prefill cancels out. Target (issue 16): ours does
+not grow from 64 to 1024 faster than transformers.
 """
 
 from __future__ import annotations
@@ -84,6 +89,37 @@ def hf_runner(model, tokenizer, texts: list[str], new_tokens: int, bos: int, dev
     return run
 
 
+def decode_step_seconds(run_short, run_long, extra_steps: int, repeat: int) -> float:
+    """Seconds per decode step: (long run - short run) / extra steps, each the median of ``repeat`` (in turns)."""
+    run_short(), run_long()  # warm-up
+    short, long_ = [], []
+    for _ in range(repeat):
+        for times, run in ((short, run_short), (long_, run_long)):
+            started = time.perf_counter()
+            run()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    return (statistics.median(long_) - statistics.median(short)) / extra_steps
+
+
+def decode_step_table(args, generator, hf, tokenizer, bos: int, name: str) -> list[tuple]:
+    rows = []
+    for length in (int(c) for c in args.cache_lengths.split(",")):
+        text = " ".join(["Aquila"] * 4 * length)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length - 1]
+        text = tokenizer.decode(ids)
+        assert len(generator.encode(text)) == length, "the prompt must tokenise back to the same length"
+        per_step = {}
+        for runner, make in (("ours", lambda n: ours_runner(generator, [text], n)),
+                             ("hf", lambda n: hf_runner(hf, tokenizer, [text], n, bos, args.device))):
+            per_step[runner] = decode_step_seconds(make(8), make(40), 32, args.repeat)
+        rows.append((name, length, per_step["ours"], per_step["hf"]))
+        print(f"{name} cache {length}: ours {1e3 * per_step['ours']:.2f} ms/step, transformers "
+              f"{1e3 * per_step['hf']:.2f} ms/step", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -93,6 +129,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--decode-step", action="store_true",
+                        help="time one decode step at each --cache-lengths instead of tokens/s")
+    parser.add_argument("--cache-lengths", default="64,1024")
     parser.add_argument("--fused-kernels", action="store_true",
                         help="ours with every fused kernel the device has (default: the device's defaults)")
     args = parser.parse_args()
@@ -115,8 +154,12 @@ def main() -> None:
     kernels = {op: True for op in plugins.fused_kernels(plugins.select_device(args.device))} \
         if args.fused_kernels else None
     rows = []
+    steps = []
     for name in args.models.split(","):
         spec = tiny if name == "aquila2-tiny" else tiny.replace(**SIZES[name])
+        if args.decode_step:  # room for the longest cache and its 40 new tokens
+            positions = max(int(c) for c in args.cache_lengths.split(",")) + 64
+            spec = spec.replace(seq_length=positions, max_position_embeddings=positions)
         folder = tempfile.mkdtemp(prefix="generate-bench-")
         parity.save_random_hf_model(spec, folder)
         hf = LlamaForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
@@ -124,6 +167,10 @@ def main() -> None:
                                                   model=None, device=args.device, params_dtype=args.dtype,
                                                   max_batch_size=max(batches), kernels=kernels))
         params = sum(p.numel() for p in hf.parameters()) / 1e6
+        if args.decode_step:
+            steps += decode_step_table(args, generator, hf, tokenizer, family.tokenizer.bos_token_id, spec.name)
+            del hf, generator
+            continue
         for batch in batches:
             rates = median_rates({"ours": ours_runner(generator, texts[:batch], args.new_tokens),
                                   "hf": hf_runner(hf, tokenizer, texts[:batch], args.new_tokens,
@@ -135,6 +182,19 @@ def main() -> None:
                   f"ratio {ours / theirs:.2f}", flush=True)
         del hf, generator
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    if args.decode_step:
+        print(f"\n{device}, {args.dtype}, batch 1, one decode step, median of {args.repeat}\n")
+        print("| model | KV cache | ours ms/step | transformers ms/step |")
+        print("|---|---|---|---|")
+        for name, length, ours, theirs in steps:
+            print(f"| {name} | {length} | {1e3 * ours:.2f} | {1e3 * theirs:.2f} |")
+        by_model: dict = {}
+        for name, length, ours, theirs in steps:
+            by_model.setdefault(name, []).append((ours, theirs))
+        for name, ((ours_a, hf_a), *_, (ours_b, hf_b)) in by_model.items():
+            print(f"{name}: growth from the shortest to the longest cache: ours {ours_b / ours_a:.2f}x, "
+                  f"transformers {hf_b / hf_a:.2f}x")
+        return
     print(f"\n{device}, {args.dtype}, greedy, {args.new_tokens} new tokens per prompt, median of {args.repeat}\n")
     print("| model | params | batch | aquila_npu.generate tokens/s | transformers generate tokens/s | ratio |")
     print("|---|---|---|---|---|---|")

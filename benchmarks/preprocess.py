@@ -8,7 +8,7 @@ one run:
 * ours: ``python -m aquila_npu.preprocess --workers 2 --append-eod`` on the parquet;
 * Megatron-LM (when ``MEGATRON_LM_PATH`` is set): ``tools/preprocess_data.py --workers 2 --append-eod
   --tokenizer-type HuggingFaceTokenizer`` on the same records as JSON lines. Its module imports Triton through
-  ``megatron.training``; a CPU machine has none, so it runs through ``python -m aquila_npu.megatron_lm_tool`` under our
+  ``megatron.training``; a CPU machine has none, so it runs through ``python -m aquila_npu.megatron_lm.tool`` under our
   CPU plugin's patches (they stand in for the Triton-importing module and touch nothing on the tokenising path).
   Its output must be byte-identical to ours.
 
@@ -113,7 +113,7 @@ def main() -> None:
     if megatron_lm:
         theirs = work / "megatron-lm"
         theirs.mkdir(exist_ok=True)
-        wall_mlm, peak_mlm, out = timed(["-m", "aquila_npu.megatron_lm_tool",
+        wall_mlm, peak_mlm, out = timed(["-m", "aquila_npu.megatron_lm.tool",
                                          f"{megatron_lm}/tools/preprocess_data.py", "--input", str(lines),
                                          "--output-prefix", str(theirs / "alpaca"), "--tokenizer-type",
                                          "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer), "--workers",

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from aquila_npu import megatron_lm, plugin_manager
+from aquila_npu import plugin_manager
+from aquila_npu.megatron_lm import arguments as megatron_lm
 from aquila_npu.errors import AquilaNpuError
 
 from conftest import run_python

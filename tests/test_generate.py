@@ -329,3 +329,25 @@ def test_padding_mask_hides_padding_keys_only():
     # row 0: positions 0-1 are padding; real queries see real keys only, a padding query only itself
     assert allowed[0].tolist() == [[True, False, False, False], [False, True, False, False],
                                    [False, False, True, False], [False, False, True, True]]
+
+
+def test_a_decode_step_rotates_only_its_own_new_keys(generator, reference, monkeypatch):
+    """Keys enter the KV cache rotated (aquila_npu.kv_cache): after the prefill, every rotary application of a
+    decode step is over one position (its query and its new key), however long the cache has grown — megatron-core
+    alone re-rotates the whole cache at every step. The completion still equals transformers'."""
+    from megatron.core.transformer import attention
+
+    rotated = []
+    original = attention.apply_rotary_pos_emb
+
+    def recording(t, *args, **kwargs):
+        rotated.append(t.shape[0])
+        return original(t, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "apply_rotary_pos_emb", recording)
+    prompt_length = len(generator.encode(PROMPTS[0]))
+    result = generator.generate([PROMPTS[0]], greedy())[0]
+    assert result.tokens == reference[0]
+    layers = 2 * generator.spec.num_layers  # a query and a key per layer
+    assert rotated[:layers] == [prompt_length] * layers
+    assert set(rotated[layers:]) == {1} and len(rotated[layers:]) == layers * (len(result.tokens) - 1)

@@ -376,7 +376,7 @@ assert plugins.select_device() == "npu", "the npu device is preferred when torch
 device = plugins.hook.aquila_npu_initialize_device(device="npu", local_rank=9)
 print(device, stand_in_torch_npu.runtime_calls, plugins.backend("npu"),
       plugins.megatron_defaults("npu")["--distributed-backend"])
-from aquila_npu import megatron_lm
+from aquila_npu.megatron_lm import arguments as megatron_lm
 argv, ours, _ = megatron_lm.expand_argv(["--plugin", "aquila2", "--npu-asd-enable", "2",
                                          "--hccl-connect-timeout=1200", "--seq-length", "64"], plugins)
 print(sorted(ours.environment.items()), [a for a in argv if "asd" in a or "hccl" in a])

@@ -8,8 +8,9 @@ prefills in one pass. Two things make that exact, not approximate:
 * an attention mask per row hides the padding keys (a padding query attends only to itself, so no row is fully
   masked, whatever a fused kernel does with one);
 * rotary embeddings per row: the rotation of cache slot ``t`` of a row padded by ``p`` is that of position
-  ``t - p``, so every real token sees the positions it would see unpadded (the static KV cache stores keys before
-  rotation; megatron-core slices the rotary table along the sequence only, so a ``[s, batch, 1, d]`` table works).
+  ``t - p``, so every real token sees the positions it would see unpadded (each key is rotated with its own
+  slot's row as it enters the KV cache, ``aquila_npu.kv_cache``; megatron-core slices the rotary table along the
+  sequence only, so a ``[s, batch, 1, d]`` table works).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ def test_same_bytes_as_megatron_lm_preprocess_data(tmp_path, tokenizer_dir):
     lines = tmp_path / "alpaca.jsonl"
     lines.write_text("".join(json.dumps({"text": t}) + "\n"
                              for t in pq.read_table(parquet).column("text").to_pylist()))
-    theirs = run_python("-m", "aquila_npu.megatron_lm_tool", str(tool), "--input", str(lines), "--output-prefix",
+    theirs = run_python("-m", "aquila_npu.megatron_lm.tool", str(tool), "--input", str(lines), "--output-prefix",
                         str(tmp_path / "theirs"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
                         str(tokenizer_dir), "--workers", "2", "--append-eod")
     assert theirs.returncode == 0, theirs.stderr[-3000:]

@@ -1,10 +1,10 @@
-"""Start-up hook for the Megatron-LM route, imported by ``aquila_npu-autoload.pth``.
+"""Start-up hook of the Megatron-LM route, imported by ``aquila_npu-autoload.pth``.
 
 The ``.pth`` imports this module only when ``--plugin`` is on the command line or ``AQUILA_NPU_PLUGINS`` is set
 (a parent process of the same job set it). Then:
 
 * in a Megatron-LM script (``torchrun pretrain_gpt.py --plugin FAMILY --model NAME ...``): expand
-  ``sys.argv`` into Megatron-LM's flags (``aquila_npu.megatron_lm``), select the device, export the choice to child
+  ``sys.argv`` into Megatron-LM's flags (``aquila_npu.megatron_lm.arguments``), select the device, export the choice to child
   processes, register the device's patches and those that keep checkpoint loading to data
   (``aquila_npu.unpickling``), and report our errors in one line;
 * in a child process of such a job (``torch_dist`` checkpoint savers, data-loader workers started by spawn):
@@ -28,8 +28,10 @@ registry = None  # the applied PatchRegistry of this process, for `aquila-npu pl
 
 def _is_megatron_script(argv: list[str], orig_argv: list[str]) -> bool:
     if not argv or not argv[0].endswith(".py"):
-        return False  # -c, -m (our drivers, torch.distributed.run), console scripts such as torchrun
-    return os.path.basename(os.path.dirname(os.path.abspath(argv[0]))) != "aquila_npu"
+        return False  # -c, console scripts such as torchrun
+    # `python -m aquila_npu...` (our drivers, the tool runner) puts the module's own file in argv[0]
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return not os.path.abspath(argv[0]).startswith(package + os.sep)
 
 
 def _activate(device: str) -> None:
@@ -63,11 +65,11 @@ def _one_line_for_our_errors(default):
 def main() -> None:
     argv, orig_argv = list(sys.argv), list(getattr(sys, "orig_argv", sys.argv))
     if _is_megatron_script(argv, orig_argv) and any(a == "--plugin" or a.startswith("--plugin=") for a in argv):
-        from aquila_npu import megatron_lm
+        from aquila_npu.megatron_lm import arguments, training
 
         plugins = plugin_manager.get()
-        new_argv, ours, device = megatron_lm.expand_argv(argv[1:], plugins)
-        plugins.pm.register(megatron_lm, name="megatron-lm")
+        new_argv, ours, device = arguments.expand_argv(argv[1:], plugins)
+        plugins.pm.register(training, name="megatron-lm")
         sys.argv[1:] = new_argv
         # child processes of the job (torch_dist savers, spawned workers) re-activate from these
         os.environ[plugin_manager.ENV_PLUGINS] = ",".join(ours.plugins)
@@ -82,9 +84,9 @@ def main() -> None:
             print(f"aquila-npu: plugins {', '.join(ours.plugins)} on {device}; model {ours.model or '(flags)'}; "
                   f"fused kernels: {fused}; {len(registry)} patches registered", file=sys.stderr)
     elif os.environ.get(plugin_manager.ENV_PLUGINS) and os.environ.get(plugin_manager.ENV_DEVICE):
-        from aquila_npu import megatron_lm
+        from aquila_npu.megatron_lm import training
 
-        plugin_manager.get().pm.register(megatron_lm, name="megatron-lm")
+        plugin_manager.get().pm.register(training, name="megatron-lm")
         _activate(os.environ[plugin_manager.ENV_DEVICE])
 
 

@@ -1,4 +1,4 @@
-"""``python -m aquila_npu.megatron_lm_tool SCRIPT [ARGS...]``: run an unmodified Megatron-LM tool script (for
+"""``python -m aquila_npu.megatron_lm.tool SCRIPT [ARGS...]``: run an unmodified Megatron-LM tool script (for
 example ``tools/preprocess_data.py``) with this machine's device patches applied.
 
 Megatron-LM's tools import ``megatron.training``, which imports Triton and CUDA-only modules; on a CPU or NPU host
@@ -16,7 +16,7 @@ import sys
 
 def main(argv: list[str]) -> None:
     if not argv or not os.path.isfile(argv[0]):
-        sys.exit("usage: python -m aquila_npu.megatron_lm_tool MEGATRON_LM/tools/SCRIPT.py [ARGS...]")
+        sys.exit("usage: python -m aquila_npu.megatron_lm.tool MEGATRON_LM/tools/SCRIPT.py [ARGS...]")
     from aquila_npu import plugin_manager
     from aquila_npu.errors import AquilaNpuError
 
@@ -24,7 +24,7 @@ def main(argv: list[str]) -> None:
     try:
         device = plugins.select_device(os.environ.get(plugin_manager.ENV_DEVICE))
     except AquilaNpuError as exc:
-        sys.exit(f"aquila-npu megatron_lm_tool: error: {exc}")
+        sys.exit(f"aquila-npu megatron_lm.tool: error: {exc}")
     plugins.hook.aquila_npu_prepare_process(device=device)
     plugin_manager.set_active_device(device)
     plugins.patch_registry(device).apply()
