@@ -33,7 +33,8 @@ class World:
 _world: World | None = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for a rendezvous on this machine)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -73,7 +74,7 @@ def initialize(device: str | None = None, tensor_model_parallel_size: int = 1, p
                 dist.init_process_group(backend=plugins.backend(device))
             else:  # a plain process: a world of one, without touching the environment children inherit
                 dist.init_process_group(backend=plugins.backend(device), rank=0, world_size=1,
-                                        init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                        init_method=f"tcp://127.0.0.1:{free_port()}")
         from megatron.core import parallel_state, tensor_parallel
 
         parallel_state.initialize_model_parallel(

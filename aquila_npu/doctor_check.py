@@ -4,11 +4,11 @@ On the device it selects (npu, cuda or cpu; ``--device`` forces one) it runs:
 
 * **kernels**: every fused kernel the device offers (and the inference operator where attention has its own)
   against the plain-PyTorch reference on Aquila2-7B-shaped tensors (hidden 4096, 32 heads of 128, FFN 11008; the
-  attention also 34B's 48 heads over 8 groups), forward and backward, fp32 and bf16: the largest error beside the
-  tolerance the kernel tests use;
-* **model**: a training step of the model families' smoke-test model (``aquila2``'s tiny one) (logits and every weight gradient) with the device's fused kernels
-  against the reference kernels, from the same weights; a greedy bf16 decode with the KV cache (a left-padded
-  batch of three prompts) with both kernel sets, token for token;
+  attention also 34B's 48 heads over 8 groups), forward and backward, fp32 and bf16: the largest error beside its
+  tolerance (fp32: the kernel tests'; bf16: bf16's own rounding, see ``compare_op``);
+* **model**: on the model families' smoke-test model (``aquila2``'s tiny one), a training step (logits and every
+  weight gradient) with the device's fused kernels against the reference kernels, from the same weights; a greedy
+  bf16 decode with the KV cache (a left-padded batch of three prompts) with both kernel sets, token for token;
 * **all-reduce** across the local devices through the device's backend (``torchrun``; the CPU: two gloo processes;
   one device: skipped, saying so);
 * **CANN**: the toolkit's version against the one the installed torch_npu was released for (torch_npu's own
@@ -93,14 +93,16 @@ def _max_error(ours: torch.Tensor, theirs: torch.Tensor, atol: float, rtol: floa
     return float(difference.max()), bool((difference <= atol + rtol * theirs.abs()).all())
 
 
-def _run(fn: Callable, inputs: list[torch.Tensor], dtype: torch.dtype, device: str, backward: bool,
-         grad: torch.Tensor) -> list[torch.Tensor]:
-    """[output, input gradients...] of ``fn`` on ``device`` in ``dtype``, as float32 on the CPU."""
+def _run(fn: Callable, inputs: list[torch.Tensor], dtype: torch.dtype, device: str, backward: bool
+         ) -> list[torch.Tensor]:
+    """[output, input gradients...] of ``fn`` on ``device`` in ``dtype``, as float32 on the CPU; the upstream
+    gradient is the same for every run (seeded, of the output's shape)."""
     xs = [x.detach().to(device, dtype).requires_grad_(backward) for x in inputs]
     with torch.set_grad_enabled(backward):
         out = fn(*xs)
     results = [out]
     if backward:
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         out.backward(grad.to(device, dtype))
         results += [torch.zeros_like(x) if x.grad is None else x.grad for x in xs]  # no gradient: all wrong
     return [r.detach().float().cpu() for r in results]
@@ -113,15 +115,13 @@ def compare_op(fn: Callable, ref: Callable, inputs: list[torch.Tensor], dtype: t
     reference computed in fp32, per tensor no more than twice the reference's own bf16 error or 2% of the tensor's
     largest value (a few bf16 steps at its top), plus 1e-3: at 7B sizes bf16 rounding alone exceeds any fixed
     tolerance, so bf16's own rounding is the yardstick."""
-    grad = torch.randn(ref(*inputs).shape, generator=torch.Generator().manual_seed(1))
-    ours = _run(fn, inputs, dtype, device, backward, grad)
+    ours = _run(fn, inputs, dtype, device, backward)
     if dtype == torch.float32:
         atol, rtol = TOLERANCE[dtype]
-        checks = [_max_error(a, b, atol, rtol) for a, b in zip(ours, _run(ref, inputs, dtype, "cpu", backward,
-                                                                          grad))]
+        checks = [_max_error(a, b, atol, rtol) for a, b in zip(ours, _run(ref, inputs, dtype, "cpu", backward))]
         return max(e for e, _ in checks), all(ok for _, ok in checks), f"atol {atol:g}, rtol {rtol:g}"
-    exact = _run(ref, inputs, torch.float32, "cpu", backward, grad)
-    rounded = _run(ref, inputs, dtype, "cpu", backward, grad)
+    exact = _run(ref, inputs, torch.float32, "cpu", backward)
+    rounded = _run(ref, inputs, dtype, "cpu", backward)
     worst, good, allowed = 0.0, True, 0.0
     for a, r, e in zip(ours, rounded, exact):
         error, own = float((a - e).abs().max()), float((r - e).abs().max())
@@ -257,6 +257,8 @@ def local_device_count(device: str) -> int:
 
 
 def all_reduce_row(device: str) -> Row:
+    from aquila_npu.distributed import free_port
+
     count = local_device_count(device)
     row = Row(f"all-reduce over {count} local {device} device(s)" if device != "cpu" else
               "all-reduce over 2 cpu processes (gloo)")
@@ -264,7 +266,7 @@ def all_reduce_row(device: str) -> Row:
         row.result = f"skipped: this machine has {count} {device} device(s); an all-reduce needs two"
         return row
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(count), "--master-port",
-               str(_free_port()), "-m", "aquila_npu.doctor_check", "--all-reduce-worker", device]
+               str(free_port()), "-m", "aquila_npu.doctor_check", "--all-reduce-worker", device]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -275,14 +277,6 @@ def all_reduce_row(device: str) -> Row:
     elif "all-reduce ok" not in result.stdout:
         row.result = "FAIL: the ranks did not report the expected sum"
     return row
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _all_reduce_worker(device: str) -> int:
