@@ -37,14 +37,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if selected:
         plugins.require(selected)
     if args.patches:
-        from aquila_npu.megatron_lm import training as megatron_lm
+        from aquila_npu.megatron_lm import training
 
         # listing needs no device: `--device npu` lists the NPU's patches on any machine
         device = args.device if args.device in plugins.devices() else plugins.select_device(args.device)
         # the Megatron-LM route's own patches are listed too (the autoload registers them in such a job)
         route = plugins.pm.get_plugin("megatron-lm") is None
         if route:
-            plugins.pm.register(megatron_lm, name="megatron-lm")
+            plugins.pm.register(training, name="megatron-lm")
         try:
             registry = plugins.patch_registry(device)
         finally:

@@ -102,11 +102,12 @@ def npu_missing(report: Report, cann: str | None) -> list[str]:
         missing.append("torch_npu: `pip install \"aquila-npu[npu]\"`, or `pip install -e \".[npu]\"` in a checkout (a "
                        f"build matching torch {report.versions['torch'].split('+')[0]})")
     else:
-        torch_major_minor = ".".join(report.versions["torch"].split("+")[0].split(".")[:2])
-        npu_version = report.versions["torch_npu"]
-        if not npu_version.startswith(torch_major_minor):
-            missing.append(f"torch_npu {npu_version} is not built for torch {report.versions['torch']}: install the "
-                           f"torch_npu release for torch {torch_major_minor}")
+        from aquila_npu.plugins.npu import torch_npu_matches, torch_npu_requirement
+
+        torch_version, npu_version = report.versions["torch"], report.versions["torch_npu"]
+        if not torch_npu_matches(torch_version, npu_version):
+            missing.append(f"torch_npu {npu_version} is not built for torch {torch_version}: "
+                           f"`pip install \"{torch_npu_requirement(torch_version)}\"`")
     npu = next((d for d in report.devices if d["device"] == "npu"), None)
     if npu is None:
         missing.append("the npu device plugin (aquila_npu.plugins.npu) is not registered: reinstall aquila-npu")

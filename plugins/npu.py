@@ -28,8 +28,13 @@ TORCH_COMPILE = "AQUILA_NPU_TORCH_COMPILE"
 def torch_npu_requirement(torch_version: str) -> str:
     """The torch_npu build for a torch: torch_npu ``A.B.C`` (and its ``.postN`` rebuilds) is built for torch
     ``A.B.C``."""
+    return f"torch_npu=={torch_version.split('+')[0]}.*"
+
+
+def torch_npu_matches(torch_version: str, torch_npu_version: str) -> bool:
+    """Is this torch_npu built for this torch (``torch_npu_requirement``'s rule)?"""
     release = torch_version.split("+")[0]
-    return f"torch_npu=={release}.*"
+    return torch_npu_version == release or torch_npu_version.startswith(release + ".")
 
 
 def _torch_npu_installed() -> bool:

@@ -50,6 +50,26 @@ def test_npu_missing_names_each_gap():
         "the npu device plugin")
 
 
+def test_npu_missing_holds_torch_npu_to_the_build_rule(monkeypatch):
+    """torch_npu A.B.C(.postN) is built for torch A.B.C: a build for another patch release is a gap, named with the
+    requirement that fixes it."""
+    import importlib.util
+
+    from aquila_npu import doctor
+    from aquila_npu.doctor import Report, npu_missing
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(doctor.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "torch_npu" else find_spec(name, *a))
+
+    devices = [{"device": "npu", "available": "yes"}]
+    for npu_version in ("2.13.0", "2.13.0.post2"):
+        assert npu_missing(Report(versions={"torch": "2.13.0+cpu", "torch_npu": npu_version}, devices=devices),
+                           cann="8.5.0") == []
+    missing = npu_missing(Report(versions={"torch": "2.13.1", "torch_npu": "2.13.0"}, devices=devices), cann="8.5.0")
+    assert missing == ['torch_npu 2.13.0 is not built for torch 2.13.1: `pip install "torch_npu==2.13.1.*"`']
+
+
 # ------------------------------------------------------------------ doctor --check
 @pytest.mark.slow
 def test_doctor_check_passes_on_this_cpu_and_prints_its_table():

@@ -4,8 +4,8 @@ The ``.pth`` imports this module only when ``--plugin`` is on the command line o
 (a parent process of the same job set it). Then:
 
 * in a Megatron-LM script (``torchrun pretrain_gpt.py --plugin FAMILY --model NAME ...``): expand
-  ``sys.argv`` into Megatron-LM's flags (``aquila_npu.megatron_lm.arguments``), select the device, export the choice to child
-  processes, register the device's patches and those that keep checkpoint loading to data
+  ``sys.argv`` into Megatron-LM's flags (``aquila_npu.megatron_lm.arguments``), select the device, export the
+  choice to child processes, register the device's patches and those that keep checkpoint loading to data
   (``aquila_npu.unpickling``), and report our errors in one line;
 * in a child process of such a job (``torch_dist`` checkpoint savers, data-loader workers started by spawn):
   register the same patches;
