@@ -37,26 +37,26 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if selected:
         plugins.require(selected)
     if args.patches:
-        from aquila_npu.megatron_lm import training
+        from aquila_npu.megatron_lm import route_plugins
 
         # listing needs no device: `--device npu` lists the NPU's patches on any machine
         device = args.device if args.device in plugins.devices() else plugins.select_device(args.device)
         # the Megatron-LM route's own patches are listed too (the autoload registers them in such a job)
-        route = plugins.pm.get_plugin("megatron-lm") is None
-        if route:
-            plugins.pm.register(training, name="megatron-lm")
+        route = {name: module for name, module in route_plugins().items() if plugins.pm.get_plugin(name) is None}
+        for name, module in route.items():
+            plugins.pm.register(module, name=name)
         try:
             registry = plugins.patch_registry(device)
         finally:
-            if route:
-                plugins.pm.unregister(name="megatron-lm")
+            for name in route:
+                plugins.pm.unregister(name=name)
         from aquila_npu import unpickling
         from aquila_npu.patching import PatchRegistry
 
         loading = PatchRegistry()
         unpickling.register_patches(loading)
-        print(f"patches registered for device {device} ({len(registry)}; owner megatron-lm: on the "
-              f"pretrain_gpt.py --plugin route only; owner aquila-npu: on every device, before a checkpoint is "
+        print(f"patches registered for device {device} ({len(registry)}; owners megatron-lm and megatron-lm-inference: "
+              f"on the Megatron-LM route (pretrain_gpt.py --plugin, ...) only; owner aquila-npu: on every device, before a checkpoint is "
               f"opened):")
         print(_table(registry.rows() + loading.rows(), ["owner", "target", "reason"]))
         return 0

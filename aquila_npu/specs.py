@@ -149,6 +149,8 @@ class ModelSpec:
             "--num-attention-heads": str(self.num_attention_heads),
             "--seq-length": str(self.seq_length),
             "--max-position-embeddings": str(self.max_position_embeddings),
+            # the inference scripts' KV cache and prompt limit: the positions the model has (Megatron-LM: 2560)
+            "--inference-max-seq-length": str(self.max_position_embeddings),
             "--position-embedding-type": "rope",
             "--rotary-base": _number(self.rotary_base),
             "--normalization": "RMSNorm",

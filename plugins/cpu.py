@@ -8,8 +8,6 @@ Megatron assumes CUDA in many places (see ``../shared/notes/megatron-on-cpu.md``
 
 from __future__ import annotations
 
-import importlib.util
-
 from aquila_npu.hookspecs import hookimpl
 
 DEVICE = "cpu"
@@ -56,6 +54,8 @@ MEGATRON_CUDA_CALLERS = (
     "megatron.core.inference.model_inference_wrappers.abstract_model_inference_wrapper",
     "megatron.core.inference.text_generation_controllers.text_generation_controller",
     "megatron.core.inference.utils",
+    "megatron.core.inference.text_generation_server.endpoints.common",
+    "megatron.core.inference.text_generation_server.tokenization",
     "megatron.training.arguments",
     "megatron.training.checkpointing",
     "megatron.training.initialize",
@@ -127,6 +127,7 @@ def aquila_npu_register_patches(registry, device):
         return
     import torch
 
+    from aquila_npu.megatron_lm import without_triton
     from aquila_npu.plugins import cpu_bridge
 
     for module in MEGATRON_CUDA_CALLERS:
@@ -158,28 +159,56 @@ def aquila_npu_register_patches(registry, device):
         "megatron.legacy.fused_kernels.load", lambda original: lambda args: None, owner=DEVICE,
         reason="Megatron-LM's initialisation probes nvcc under CUDA_HOME for its legacy fused kernels; "
                "there are no CUDA kernels to load on the CPU")
-    if importlib.util.find_spec("triton") is None:
-        registry.register_module_stub(
-            "megatron.core.transformer.custom_layers.batch_invariant_kernels", _batch_invariant_stub, owner=DEVICE,
-            reason="imports triton at module level (Megatron-LM's initialize imports it); batch-invariant mode "
-                   "is a GPU feature, so without triton it is a stand-in that refuses to be enabled")
+    registry.register(
+        "megatron.core.inference.communication_utils._is_cuda", lambda original: _is_a_tensor, owner=DEVICE,
+        reason="the inference broadcasts (prompts and sampling parameters across ranks) assert CUDA tensors; on the "
+               "CPU they are CPU tensors, which gloo broadcasts")
+    registry.register(
+        "megatron.training.initialize.initialize_megatron", _bridge_the_calling_script, owner=DEVICE,
+        reason="Megatron-LM's scripts put tensors on device='cuda' in their own code too (the text generation "
+               "server's request loop, the static inference example's memory report); the script calling "
+               "initialize_megatron sees the CPU-bridged torch, as Megatron's modules do")
+    registry.register(
+        "megatron.core.inference.engines.static_engine.StaticInferenceEngine.__init__", _legacy_static_engine,
+        owner=DEVICE,
+        reason="the engine first builds megatron-core's dynamic engine (paged KV cache in a 40 GB CUDA buffer, "
+               "CUDA graphs) and falls back to the static one after a CUDA error; on the CPU the static engine "
+               "is chosen directly")
+    without_triton.register_stubs(registry, owner=DEVICE)
 
 
-def _batch_invariant_stub():
-    import types
+def _is_a_tensor(tensor) -> None:
+    assert tensor is not None
 
-    module = types.ModuleType("megatron.core.transformer.custom_layers.batch_invariant_kernels")
 
-    def unavailable(*args, **kwargs):
-        raise RuntimeError("batch-invariant mode needs triton and a GPU; it is not available on the cpu device")
+def _bridge_the_calling_script(original):
+    import functools
+    import sys
 
-    module.enable_batch_invariant_mode = unavailable
-    module.is_batch_invariant_mode_enabled = lambda: False
+    @functools.wraps(original)
+    def initialize_megatron(*args, **kwargs):
+        result = original(*args, **kwargs)
+        script = vars(sys.modules["__main__"])
+        from aquila_npu.plugins import cpu_bridge
+        import torch
 
-    def __getattr__(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return unavailable
+        if script.get("torch") is torch:
+            script["torch"] = cpu_bridge.torch_for_megatron()
+        return result
 
-    module.__getattr__ = __getattr__
-    return module
+    return initialize_megatron
+
+
+def _legacy_static_engine(original):
+    import functools
+    import inspect
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.arguments["legacy"] = True
+        return original(*bound.args, **bound.kwargs)
+
+    return __init__

@@ -16,6 +16,7 @@ This is the same idea as torch_npu's ``transfer_to_npu`` on Ascend, scoped to Me
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import types
@@ -167,7 +168,7 @@ def _cpu_cuda_namespace() -> types.SimpleNamespace:
         memory_reserved=lambda device=None: 0,
         max_memory_reserved=lambda device=None: 0,
         reset_peak_memory_stats=lambda device=None: None,
-        memory_stats=lambda device=None: {},
+        memory_stats=lambda device=None: collections.defaultdict(int),  # every counter 0
         mem_get_info=lambda device=None: (_DeviceProperties().total_memory, _DeviceProperties().total_memory),
         nvtx=nvtx,
         FloatTensor=real.FloatTensor,

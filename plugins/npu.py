@@ -136,6 +136,9 @@ def aquila_npu_kernels(device):
 def aquila_npu_register_patches(registry, device):
     if device != DEVICE:
         return
+    from aquila_npu.megatron_lm import without_triton
+
+    without_triton.register_stubs(registry, owner=DEVICE)
 
     def npu_rotary(original):
         from aquila_npu.kernels.seams import megatron_rotary_slot

@@ -94,6 +94,31 @@ def test_generate_script_passes_prompts_instead_of_chat(tmp_path):
     assert result.returncode == 2 and "set TOKENIZER_PATH" in result.stderr
 
 
+@pytest.mark.parametrize("script, model, dtype", [("serve_aquila2_7b_ptd.sh", "aquila2-7b", "--fp16"),
+                                                  ("serve_aquila2_34b_ptd.sh", "aquila2-34b", "--bf16")])
+def test_serve_scripts_run_megatron_lms_server_through_the_plugin(tmp_path, script, model, dtype, monkeypatch):
+    from aquila_npu import plugin_manager
+    from aquila_npu.megatron_lm.arguments import expand_argv
+
+    cwd, argv = _launched(tmp_path, script, "megatron-lm")
+    assert cwd == str(tmp_path / "megatron-lm")
+    server = argv.index("tools/run_text_generation_server.py")
+    assert argv[server + 1:server + 5] == ["--plugin", "aquila2", "--model", model]
+    assert (argv[argv.index("--port") + 1], argv[argv.index("--host") + 1]) == ("5000", "0.0.0.0")  # Megatron-LM's
+    assert argv[argv.index("--load") + 1] == "load" and argv[argv.index("--tokenizer-model") + 1] == "tok"
+    # our start-up hook expands them into Megatron-LM's flags: the model's architecture, TP8 that divides it
+    monkeypatch.setenv(plugin_manager.ENV_DEVICE, "cpu")
+    expanded, ours, _device = expand_argv(argv[server + 1:], plugin_manager.get())
+    assert ours.model == model and dtype in expanded
+    spec = plugin_manager.get().find_model(model)[1]
+    spec.check_parallel(int(expanded[expanded.index("--tensor-model-parallel-size") + 1]))
+    assert expanded[expanded.index("--num-layers") + 1] == str(spec.num_layers)
+    monkeypatch.setenv("HOST", "127.0.0.1")
+    monkeypatch.setenv("PORT", "5917")
+    _, argv = _launched(tmp_path, script, "megatron-lm")
+    assert (argv[argv.index("--port") + 1], argv[argv.index("--host") + 1]) == ("5917", "127.0.0.1")
+
+
 @pytest.mark.parametrize("script, model", [("evaluate_aquila2_7b_ptd.sh", "aquila2-7b"),
                                            ("evaluate_aquila2_34b_ptd.sh", "aquila2-34b")])
 def test_evaluate_scripts_parse_with_the_seed_variables(tmp_path, script, model):

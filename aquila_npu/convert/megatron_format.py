@@ -269,7 +269,11 @@ def spec_from_args(args, path: str) -> ModelSpec:
 
 # ------------------------------------------------------------------------------------------------ writing
 def megatron_args(spec: ModelSpec, parallel: Parallelism, dtype: torch.dtype) -> argparse.Namespace:
-    """The saved ``args``: what Megatron-LM's ``check_checkpoint_args`` compares, and the architecture."""
+    """The saved ``args``: what Megatron-LM's ``check_checkpoint_args`` compares, and the architecture.
+
+    ``add_position_embedding`` is what Megatron-LM itself stores for ``--position-embedding-type rope`` (its
+    default, True: the flag only matters for learned absolute embeddings); ``--load`` without ``--finetune``
+    (generation, evaluation, resuming) compares it."""
     return argparse.Namespace(
         model_name=spec.name, num_layers=spec.num_layers, hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.ffn_hidden_size, num_attention_heads=spec.num_attention_heads,
@@ -278,7 +282,7 @@ def megatron_args(spec: ModelSpec, parallel: Parallelism, dtype: torch.dtype) ->
         vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size(parallel.tp),
         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by, rotary_base=spec.rotary_base,
         norm_epsilon=spec.norm_epsilon, normalization="RMSNorm", swiglu=True, position_embedding_type="rope",
-        add_position_embedding=False, untie_embeddings_and_output_weights=spec.untie_embeddings_and_output_weights,
+        add_position_embedding=True, untie_embeddings_and_output_weights=spec.untie_embeddings_and_output_weights,
         add_bias_linear=spec.add_bias_linear, tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vp if parallel.vp > 1 else None,

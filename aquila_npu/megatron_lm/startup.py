@@ -34,6 +34,13 @@ def _is_megatron_script(argv: list[str], orig_argv: list[str]) -> bool:
     return not os.path.abspath(argv[0]).startswith(package + os.sep)
 
 
+def _register_route_plugins(plugins) -> None:
+    from aquila_npu.megatron_lm import route_plugins
+
+    for name, module in route_plugins().items():
+        plugins.pm.register(module, name=name)
+
+
 def _activate(device: str) -> None:
     global registry
     from aquila_npu import unpickling
@@ -65,11 +72,11 @@ def _one_line_for_our_errors(default):
 def main() -> None:
     argv, orig_argv = list(sys.argv), list(getattr(sys, "orig_argv", sys.argv))
     if _is_megatron_script(argv, orig_argv) and any(a == "--plugin" or a.startswith("--plugin=") for a in argv):
-        from aquila_npu.megatron_lm import arguments, training
+        from aquila_npu.megatron_lm import arguments
 
         plugins = plugin_manager.get()
         new_argv, ours, device = arguments.expand_argv(argv[1:], plugins)
-        plugins.pm.register(training, name="megatron-lm")
+        _register_route_plugins(plugins)
         sys.argv[1:] = new_argv
         # child processes of the job (torch_dist savers, spawned workers) re-activate from these
         os.environ[plugin_manager.ENV_PLUGINS] = ",".join(ours.plugins)
@@ -84,9 +91,7 @@ def main() -> None:
             print(f"aquila-npu: plugins {', '.join(ours.plugins)} on {device}; model {ours.model or '(flags)'}; "
                   f"fused kernels: {fused}; {len(registry)} patches registered", file=sys.stderr)
     elif os.environ.get(plugin_manager.ENV_PLUGINS) and os.environ.get(plugin_manager.ENV_DEVICE):
-        from aquila_npu.megatron_lm import training
-
-        plugin_manager.get().pm.register(training, name="megatron-lm")
+        _register_route_plugins(plugin_manager.get())
         _activate(os.environ[plugin_manager.ENV_DEVICE])
 
 

@@ -1,0 +1,19 @@
+#!/bin/bash
+# Aquila2-7B / AquilaChat2-7B served by Megatron-LM's own REST server (tools/run_text_generation_server.py,
+# unmodified) through the aquila2 plugin, on 8 NPUs of one node (TP8).
+# CKPT_LOAD_DIR: a converted or trained Megatron checkpoint (torch_dist at any split, or torch saved at TP8: the
+# format is detected). MEGATRON_LM_PATH: a Megatron-LM checkout.
+# PORT: default 5000; HOST: default 0.0.0.0 (Megatron-LM's: every interface), HOST=127.0.0.1 keeps it on this machine.
+# Then, from another shell (Megatron-LM's client: python $MEGATRON_LM_PATH/tools/text_generation_cli.py HOST:PORT):
+#   curl -X PUT http://127.0.0.1:5000/api -H 'Content-Type: application/json' \
+#        -d '{"prompts": ["北京是中国的"], "tokens_to_generate": 64, "top_k": 1}'
+source "$(dirname "$0")/common.sh"
+CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-${CHECKPOINT:-}}
+require TOKENIZER_PATH CKPT_LOAD_DIR
+: "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout (tag core_v0.16.1)}"
+cd "$MEGATRON_LM_PATH"
+
+torchrun $DISTRIBUTED_ARGS tools/run_text_generation_server.py --plugin aquila2 --model aquila2-7b \
+    --load "$CKPT_LOAD_DIR" --auto-detect-ckpt-format --tokenizer-type HuggingFaceTokenizer \
+    --tokenizer-model "$TOKENIZER_PATH" --tensor-model-parallel-size 8 --fp16 --micro-batch-size 1 \
+    --port "${PORT:-5000}" --host "${HOST:-0.0.0.0}" "$@"
