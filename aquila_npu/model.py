@@ -50,6 +50,7 @@ def build_gpt_model(spec: ModelSpec, *, kernels=None, pre_process: bool | None =
         share_embeddings_and_output_weights=not spec.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=int(spec.rotary_base),
+        seq_len_interpolation_factor=spec.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
     )
 

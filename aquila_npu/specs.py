@@ -33,6 +33,9 @@ class ModelSpec:
     max_position_embeddings: int
     vocab_size: int
     rotary_base: float = 10000.0
+    # linear RoPE scaling (HF ``rope_scaling: {type: linear, factor}``): positions are divided by this factor, so
+    # a model trained on N positions reads factor x N (megatron-core's ``seq_len_interpolation_factor``)
+    rotary_seq_len_interpolation_factor: float | None = None
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.01
     # Megatron pads the vocabulary to a multiple of this times the tensor-parallel size.
@@ -49,6 +52,10 @@ class ModelSpec:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise AquilaNpuError(f"model spec {self.name!r}: {name} must be a positive integer, got {value!r}")
+        factor = self.rotary_seq_len_interpolation_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1):
+            raise AquilaNpuError(f"model spec {self.name!r}: rotary_seq_len_interpolation_factor must be a number "
+                                 f">= 1 (the linear RoPE scaling factor), got {factor!r}")
         if self.hidden_size % self.num_attention_heads:
             raise AquilaNpuError(
                 f"model spec {self.name!r}: hidden_size {self.hidden_size} is not divisible by "
@@ -153,6 +160,7 @@ class ModelSpec:
             "--inference-max-seq-length": str(self.max_position_embeddings),
             "--position-embedding-type": "rope",
             "--rotary-base": _number(self.rotary_base),
+            **self._interpolation_flag(),
             "--normalization": "RMSNorm",
             "--norm-epsilon": _number(self.norm_epsilon),
             "--swiglu": None,
@@ -171,6 +179,16 @@ class ModelSpec:
         if not self.add_bias_linear:
             flags["--disable-bias-linear"] = None
         return flags
+
+
+    def _interpolation_flag(self) -> dict[str, str]:
+        factor = self.rotary_seq_len_interpolation_factor
+        if factor is None:
+            return {}
+        if not float(factor).is_integer():  # Megatron-LM's flag is an int
+            raise AquilaNpuError(f"{self.name}: Megatron-LM's --rotary-seq-len-interpolation-factor takes an integer; "
+                                 f"this model's linear RoPE scaling factor is {factor} (use the aquila_npu drivers)")
+        return {"--rotary-seq-len-interpolation-factor": str(int(factor))}
 
 
 def _number(value: float) -> str:
@@ -281,11 +299,19 @@ def spec_from_llama_config(config: Mapping[str, Any], name: str) -> ModelSpec:
     if get("hidden_act", "silu") != "silu":
         raise AquilaNpuError(f"unsupported hidden_act {config['hidden_act']!r}: only SwiGLU (silu) models are supported")
     rope_parameters = config.get("rope_parameters") or {}
-    rope_scaling = config.get("rope_scaling")
-    rope_type = (rope_scaling or {}).get("rope_type") or (rope_scaling or {}).get("type") \
-        or rope_parameters.get("rope_type", "default")
-    if rope_type != "default":
-        raise AquilaNpuError(f"unsupported RoPE scaling {rope_type!r}: only plain rotary embeddings are supported")
+    # BAAI's configs (and transformers 4) say rope_scaling; transformers 5 writes rope_parameters
+    scaling = config.get("rope_scaling") or rope_parameters
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    factor = None
+    if rope_type == "linear":
+        factor = scaling.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+            raise AquilaNpuError(f"linear RoPE scaling needs a numeric factor >= 1 in the config's rope_scaling, "
+                                 f"got {factor!r}")
+        factor = float(factor)
+    elif rope_type != "default":
+        raise AquilaNpuError(f"unsupported RoPE scaling {rope_type!r}: only plain rotary embeddings and linear "
+                             f"scaling (the Aquila2 16K models) are supported")
     heads = get("num_attention_heads")
     hidden = get("hidden_size")
     head_dim = config.get("head_dim")
@@ -305,6 +331,7 @@ def spec_from_llama_config(config: Mapping[str, Any], name: str) -> ModelSpec:
         max_position_embeddings=max_pos,
         vocab_size=get("vocab_size"),
         rotary_base=float(rope_parameters.get("rope_theta") or get("rope_theta", 10000.0)),
+        rotary_seq_len_interpolation_factor=factor,
         norm_epsilon=float(get("rms_norm_eps", 1e-6)),
         untie_embeddings_and_output_weights=not get("tie_word_embeddings", False, required=False),
         add_bias_linear=bool(get("attention_bias", False, required=False) or get("mlp_bias", False, required=False)),

@@ -211,7 +211,9 @@ def _named_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 
 def llama_config_dict(spec: ModelSpec, bos_token_id: int | None = None, eos_token_id: int | None = None,
                       pad_token_id: int | None = None) -> dict:
-    """A ``config.json`` that ``transformers`` loads as ``LlamaForCausalLM`` (same weights as Aquila2's own)."""
+    """A ``config.json`` that ``transformers`` loads as ``LlamaForCausalLM`` (same weights as Aquila2's own); linear
+    RoPE scaling as ``rope_scaling``, the spelling of BAAI's own configs, which transformers 4 and 5 both read."""
+    scaling = spec.rotary_seq_len_interpolation_factor
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -226,6 +228,7 @@ def llama_config_dict(spec: ModelSpec, bos_token_id: int | None = None, eos_toke
         "vocab_size": spec.vocab_size,
         "rms_norm_eps": spec.norm_epsilon,
         "rope_theta": spec.rotary_base,
+        **({"rope_scaling": {"type": "linear", "factor": float(scaling)}} if scaling is not None else {}),
         "tie_word_embeddings": not spec.untie_embeddings_and_output_weights,
         "attention_bias": spec.add_bias_linear,
         "mlp_bias": spec.add_bias_linear,

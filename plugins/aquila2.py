@@ -1,4 +1,4 @@
-"""The Aquila2 model family (BAAI): 7B, 34B, 70B-Expr, and a tiny variant for tests.
+"""The Aquila2 model family (BAAI): 7B, 34B, 70B-Expr, the 16K long-context chat models, and a tiny variant for tests.
 
 This file is the only place in aquila-npu that knows Aquila2. Figures are those of the published checkpoints
 (2023 releases with the 100,008-token tokenizer; see README "Which Aquila2"): RMSNorm (eps 1e-5), SwiGLU,
@@ -21,6 +21,15 @@ SPECS = (
     ModelSpec(name="aquila2-70b-expr", num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
               num_attention_heads=64, num_query_groups=8, seq_length=4096, max_position_embeddings=4096,
               vocab_size=VOCAB_SIZE, params_dtype="bf16", description="Aquila2-70B-Expr (GQA, 8 groups)"),
+    # AquilaChat2-7B-16K / -34B-16K: the 7B / 34B with linear RoPE scaling (2,048 x 8 and 4,096 x 4 positions)
+    ModelSpec(name="aquila2-7b-16k", num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32,
+              num_query_groups=32, seq_length=16384, max_position_embeddings=16384, vocab_size=VOCAB_SIZE,
+              rotary_seq_len_interpolation_factor=8.0, params_dtype="fp16",
+              description="AquilaChat2-7B-16K (MHA, linear RoPE scaling x8)"),
+    ModelSpec(name="aquila2-34b-16k", num_layers=60, hidden_size=6144, ffn_hidden_size=24576, num_attention_heads=48,
+              num_query_groups=8, seq_length=16384, max_position_embeddings=16384, vocab_size=VOCAB_SIZE,
+              rotary_seq_len_interpolation_factor=4.0, params_dtype="bf16",
+              description="AquilaChat2-34B-16K (GQA, 8 groups, linear RoPE scaling x4)"),
     ModelSpec(name="aquila2-tiny", num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=8,
               num_query_groups=4, seq_length=256, max_position_embeddings=256, vocab_size=VOCAB_SIZE,
               params_dtype="fp32", description="2-layer Aquila2 with GQA, for tests and the CPU quickstart"),
@@ -60,7 +69,7 @@ FAMILY = ModelFamily(
     smoke_test_model="aquila2-tiny",
     description="BAAI Aquila2 (7B, 34B, 70B-Expr)",
     chat_templates=CHAT_TEMPLATES,
-    chat_template_for={"aquila2-34b": "aquila-legacy"},
+    chat_template_for={"aquila2-34b": "aquila-legacy", "aquila2-7b-16k": "aquila", "aquila2-34b-16k": "aquila"},
 )
 
 

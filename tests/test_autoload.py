@@ -84,7 +84,8 @@ def test_plugin_expands_argv_and_patches_reach_child_processes(fake_megatron_scr
 @pytest.mark.parametrize("args,message", [
     (["--plugin", "nope"], "aquila-npu: error: unknown plugin 'nope'; installed plugins: aquila2, cpu, cuda, npu"),
     (["--plugin", "aquila2", "--model", "aquila2-8b"], "aquila-npu: error: unknown model 'aquila2-8b'; known "
-                                                       "models: aquila2-7b, aquila2-34b, aquila2-70b-expr, aquila2-tiny"),
+                                                       "models: aquila2-7b, aquila2-34b, aquila2-70b-expr, aquila2-7b-16k, "
+                                                       "aquila2-34b-16k, aquila2-tiny"),
     (["--plugin", "aquila2", "--device", "npu"], "aquila-npu: error: device 'npu' was requested but is not "
                                                  "available: torch_npu is not installed"),
 ])

@@ -104,7 +104,7 @@ def test_cli_shows_one_spec_with_its_megatron_flags():
 @pytest.mark.parametrize("args,message", [
     (["--plugin", "nope"], "aquila-npu: error: unknown plugin 'nope'; installed plugins: aquila2, cpu, cuda, npu"),
     (["--model", "aquila2-8b"], "aquila-npu: error: unknown model 'aquila2-8b'; known models: aquila2-7b, "
-                                "aquila2-34b, aquila2-70b-expr, aquila2-tiny"),
+                                "aquila2-34b, aquila2-70b-expr, aquila2-7b-16k, aquila2-34b-16k, aquila2-tiny"),
     (["--patches", "--device", "tpu"], "aquila-npu: error: unknown device 'tpu'; known devices: npu, cuda, cpu"),
 ])
 def test_cli_unknown_names_fail_with_one_line(args, message):

@@ -144,7 +144,7 @@ def test_hf_config_round_trips_through_llama_config(tiny_spec):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "unsupported RoPE scaling"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "unsupported RoPE scaling .dynamic."),
     ({"hidden_act": "gelu"}, "unsupported hidden_act"),
     ({"num_attention_heads": None}, "has no 'num_attention_heads'"),
 ])

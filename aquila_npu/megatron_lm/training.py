@@ -47,6 +47,10 @@ def aquila_npu_register_patches(registry, device):
                "default (Apex/torch), not from the spec; use the device's norm, which supports sequence parallelism")
 
     registry.register(
+        "gpt_builders.GPTModel", _gpt_model_with_rope_interpolation, owner="megatron-lm",
+        reason="Megatron-LM's gpt_builder hands --rotary-seq-len-interpolation-factor to its legacy model only; "
+               "megatron-core's GPTModel gets it too (linear RoPE scaling: the 16K models)")
+    registry.register(
         "megatron.training.arguments.core_transformer_config_from_args", _config_with_kernel_fields,
         owner="megatron-lm",
         reason="the chosen kernels need TransformerConfig fields Megatron-LM has no flag for (use_te_activation_func "
@@ -90,6 +94,21 @@ def aquila_npu_add_arguments(parser):
     group.add_argument("--is-instruction-dataset", action="store_true",
                        help="--data-path is the --output-prefix of a GeneralInstructionHandler preprocessing run: "
                             "train on its packed samples, loss on response tokens only")
+
+
+def _gpt_model_with_rope_interpolation(original):
+    import functools
+
+    @functools.wraps(original)
+    def GPTModel(*args, **kwargs):
+        from megatron.training import get_args
+
+        factor = getattr(get_args(), "rotary_seq_len_interpolation_factor", None)
+        if factor is not None:
+            kwargs.setdefault("seq_len_interpolation_factor", factor)
+        return original(*args, **kwargs)
+
+    return GPTModel
 
 
 def _parse_args_with_plugins(original):

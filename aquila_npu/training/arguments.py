@@ -30,6 +30,7 @@ ACCEPTED_VALUES = {"--distributed-backend": None, "--transformer-impl": "local",
 # architecture flags -> ModelSpec fields (an explicit flag overrides the --model spec)
 ARCHITECTURE = {"num_layers": int, "hidden_size": int, "ffn_hidden_size": int, "num_attention_heads": int,
                 "num_query_groups": int, "max_position_embeddings": int, "rotary_base": float,
+                "rotary_seq_len_interpolation_factor": float,
                 "norm_epsilon": float, "init_method_std": float, "make_vocab_size_divisible_by": int}
 
 
