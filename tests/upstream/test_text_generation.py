@@ -171,3 +171,43 @@ def test_the_static_inference_example_generates_what_transformers_generates(tmp_
     for prompt, row in zip(PROMPTS, results):
         prompt_length = len(reference[prompt]) - NEW_TOKENS
         assert row["generated_tokens"] == reference[prompt][prompt_length:]
+
+
+def test_the_static_example_reads_linear_rope_scaling_past_the_unscaled_length(tmp_path, tmp_path_factory,
+                                                                                tiny_spec, tokenizer_dir):
+    """A tiny model stretched as the 16K models are (1,024 positions, linear RoPE x4): Megatron-LM's builder
+    ignores --rotary-seq-len-interpolation-factor for megatron-core models unless the plugin passes it on."""
+    from conftest import make_hf_checkpoint
+
+    from aquila_npu import parity
+    from aquila_npu.plugins.aquila2 import FAMILY
+
+    spec = tiny_spec.replace(seq_length=1024, max_position_embeddings=1024, rotary_seq_len_interpolation_factor=4.0)
+    hf_dir = make_hf_checkpoint(spec, tmp_path / "hf", seed=5)
+    checkpoint = _converted(tmp_path_factory, hf_dir, "torch_dist")
+    prompt = "北京 Beijing " * 100  # well past 1,024 / 4 tokens
+    from transformers import AutoTokenizer
+
+    ids = [FAMILY.tokenizer.bos_token_id] + AutoTokenizer.from_pretrained(str(tokenizer_dir))(
+        prompt, add_special_tokens=False).input_ids
+    assert 300 < len(ids) < 1000
+    expected = parity.hf_greedy(str(hf_dir), [ids], NEW_TOKENS, FAMILY.tokenizer.eos_token_id)[0]
+    output = tmp_path / "results.json"
+    result = run_python(*_launch_args("examples/inference/gpt/gpt_static_inference.py", checkpoint, tokenizer_dir, 1),
+                        "--seq-length", "1024", "--max-position-embeddings", "1024", "--inference-max-seq-length",
+                        "1024", "--rotary-seq-len-interpolation-factor", "4", "--prompts", prompt,
+                        "--num-tokens-to-generate", str(NEW_TOKENS), "--top_k", "1", "--return-log-probs",
+                        "--output-path", str(output), cwd=MEGATRON_LM_PATH, timeout=900,
+                        env={"PYTHONPATH": MEGATRON_LM_PATH})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    (row,) = json.loads(output.read_text()).values()
+    assert row["generated_tokens"] == expected  # hf_greedy returns the new tokens only
+    # greedy tokens of a random model hardly depend on positions; its log-probabilities do
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        log_probs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    theirs = log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    ours = torch.tensor(row["logprobs"][:len(ids) - 1])
+    assert (ours - theirs).abs().max().item() <= 1e-4
