@@ -76,6 +76,36 @@ class ChatTemplate:
             text += self.assistant_role + ":"
         return text + self.generation_suffix
 
+    def conversation_segments(self, messages: Iterable[Mapping[str, str]]) -> list[tuple[str, bool]]:
+        """A whole conversation, replies included, as the template writes it (FastChat's ``get_prompt`` with every
+        message filled in: the text models of this template were fine-tuned on), cut into ``(text, trained)``
+        pieces: ``trained`` marks each assistant reply with the separator that ends it (``sep2``, the end token);
+        everything else (system message, user turns, role names) is context. The pieces join to the whole text.
+        ``messages``: an optional system message, then user and assistant turns alternating from user, ending with
+        an assistant reply."""
+        messages = list(messages)
+        system = self.system_message
+        if messages and messages[0].get("role") == "system":
+            system, messages = str(messages[0].get("content", "")), messages[1:]
+        for index, message in enumerate(messages):
+            expected = "user" if index % 2 == 0 else "assistant"
+            if message.get("role") != expected or not isinstance(message.get("content"), str):
+                raise AquilaNpuError(f"chat message {index + 1}: a {expected} message with text content was expected "
+                                     f"(roles alternate user/assistant after an optional system message)")
+        if not messages or len(messages) % 2:
+            raise AquilaNpuError("a conversation to train on ends with an assistant reply")
+        colon = "" if self.style == "no_colon_two" else ": "
+        pieces: list[tuple[str, bool]] = []
+        context = system if self.style == "no_colon_two" else system + self.sep
+        for index, message in enumerate(messages):
+            if index % 2 == 0:
+                context += self.user_role + colon + message["content"] + self.sep
+            else:
+                context += self.assistant_role + colon
+                pieces += [(context, False), (message["content"] + self.sep2, True)]
+                context = ""
+        return [(text, trained) for text, trained in pieces if text]
+
     def reply_text(self, generated: str) -> str:
         """The assistant's reply in ``generated``: cut at the first stop string; the leading space the model
         writes after ``generation_suffix`` dropped, as BAAI's ``predict.py`` does."""

@@ -139,3 +139,25 @@ def test_evaluate_scripts_parse_with_the_seed_variables(tmp_path, script, model)
     env.pop("EVAL_DATA_PATH")
     result = subprocess.run(["bash", path], capture_output=True, text=True, env=env)
     assert result.returncode == 2 and "set EVAL_DATA_PATH" in result.stderr
+
+
+def test_the_aquilachat2_script_preprocesses_conversations_then_fine_tunes(tmp_path, tokenizer_dir):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from aquila_npu.training.arguments import parse
+
+    fake = tmp_path / "bin" / "torchrun"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    prefix = tmp_path / "dataset" / "chat"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "TOKENIZER_PATH": str(tokenizer_dir),
+           "CONVERSATIONS": str(REPO / "examples" / "data" / "conversations" / "alpaca_chat_200.jsonl"),
+           "DATA_PATH": str(prefix), "CKPT_LOAD_DIR": "load", "CKPT_SAVE_DIR": "save"}
+    result = subprocess.run(["bash", str(REPO / "examples" / "aquila2" / "finetune_aquilachat2_7b_ptd.sh")],
+                            capture_output=True, text=True, env=env, check=True)
+    assert len(IndexedDataset(f"{prefix}_packed_labels_document")) == 200  # none longer than 2,048 tokens
+    argv = result.stdout.splitlines()
+    args = parse(argv[argv.index("-m") + 2:])
+    assert (args.model, args.finetune, args.is_instruction_dataset) == ("aquila2-7b", True, True)
+    assert args.data_path == [str(prefix)]

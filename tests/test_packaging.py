@@ -29,7 +29,8 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 
 SAMPLE_FILES = ("README.md", "aquila2_tokenizer/tokenizer.json", "aquila2_tokenizer/NOTICE",
-                "alpaca/alpaca_300.parquet", "alpaca/DATA_LICENSE", "boolq/dev_300.jsonl", "boolq/LICENSE")
+                "alpaca/alpaca_300.parquet", "alpaca/DATA_LICENSE", "boolq/dev_300.jsonl", "boolq/LICENSE",
+                "conversations/alpaca_chat_200.jsonl", "conversations/DATA_LICENSE")
 
 
 def _run(command: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:

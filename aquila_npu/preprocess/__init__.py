@@ -36,6 +36,8 @@ class PreprocessOptions:
     tokenizer_type: str = "PretrainedFromHF"
     log_interval: int = 1000
     progress: bool = True
+    prompt_type: str | None = None  # conversations: the chat template's name (--prompt-type)
+    map_keys: str | None = None     # conversations: --map-keys (JSON)
 
 
 @dataclass
@@ -84,7 +86,20 @@ def load_tokenizer(path: str, tokenizer_type: str = "PretrainedFromHF"):
     return tokenizer
 
 
-def make_handler(options: PreprocessOptions, vocab_size: int, eod: int | None):
+def chat_template(name: str | None):
+    """The chat template ``name`` of an installed model family (``--prompt-type``)."""
+    from aquila_npu import plugin_manager
+
+    templates = {t.name: t for family in plugin_manager.get().families().values() for t in family.chat_templates}
+    if not name:
+        raise AquilaNpuError(f"--prompt-type: name the chat template the conversations are written in "
+                             f"({', '.join(templates)})")
+    if name not in templates:
+        raise AquilaNpuError(f"--prompt-type {name}: no such chat template; known: {', '.join(templates)}")
+    return templates[name]
+
+
+def make_handler(options: PreprocessOptions, vocab_size: int, eod: int | None, bos: int | None = None):
     from aquila_npu.preprocess.writer import indexed_dataset_module
 
     if options.handler not in HANDLERS:
@@ -96,6 +111,14 @@ def make_handler(options: PreprocessOptions, vocab_size: int, eod: int | None):
         raise AquilaNpuError(f"--seq-length {options.seq_length}: must be positive")
     dtype = indexed_dataset_module().DType.optimal_dtype(vocab_size).__name__  # megatron-core's rule: uint16 below 65,500 ids, else int32
     common = dict(dtype=dtype, append_eod=options.append_eod, eod=eod, seq_length=options.seq_length)
+    if HANDLERS[options.handler] == "conversations":
+        from aquila_npu.preprocess.conversations import ConversationHandler, parse_map_keys
+
+        return ConversationHandler(template=chat_template(options.prompt_type), bos=bos,
+                                   mapping=parse_map_keys(options.map_keys), **common)
+    if options.prompt_type or options.map_keys:
+        raise AquilaNpuError(f"--prompt-type / --map-keys are for conversation data (--handler-name "
+                             f"SharegptStyleInstructionHandler), not {options.handler}")
     if HANDLERS[options.handler] is PretrainHandler:
         if not options.json_keys:
             raise AquilaNpuError("--json-keys: name at least one field")
@@ -106,6 +129,8 @@ def make_handler(options: PreprocessOptions, vocab_size: int, eod: int | None):
 def _checked(batch, handler, skip_bad: bool) -> tuple[dict[str, list[str]], int]:
     """The batch's usable records as text columns, and how many were bad. Without --skip-bad-records the first
     bad record is an error naming its file and row."""
+    if hasattr(handler, "check"):  # records with structure (conversations): the handler checks them whole
+        return _checked_by_handler(batch, handler, skip_bad)
     fields = [(name, True) for name in handler.fields] + [(name, False) for name in handler.optional]
     columns: dict[str, list[str]] = {name: [] for name, _ in fields}
     bad = 0
@@ -124,6 +149,21 @@ def _checked(batch, handler, skip_bad: bool) -> tuple[dict[str, list[str]], int]
         for (name, _), text in zip(fields, texts):
             columns[name].append(text)
     return columns, bad
+
+
+def _checked_by_handler(batch, handler, skip_bad: bool) -> tuple[dict[str, list], int]:
+    records, bad = [], 0
+    for i in range(len(batch)):
+        problem = batch.bad.get(i)
+        if problem is None:
+            value, problem = handler.check({name: batch.columns[name][i] for name in handler.optional})
+        if problem is not None:
+            if not skip_bad:
+                raise AquilaNpuError(f"{batch.where(i)}: {problem}; fix the record or pass --skip-bad-records")
+            bad += 1
+            continue
+        records.append(value)
+    return {"conversation": records}, bad
 
 
 # --- workers ---------------------------------------------------------------------------------------------------
@@ -220,7 +260,7 @@ def preprocess(options: PreprocessOptions) -> PreprocessResult:
         raise AquilaNpuError(f"--batch-size {options.batch_size}: must be at least 1")
     files = input_files(options.input)
     tokenizer = load_tokenizer(options.tokenizer, options.tokenizer_type)
-    handler = make_handler(options, len(tokenizer), tokenizer.eos_token_id)
+    handler = make_handler(options, len(tokenizer), tokenizer.eos_token_id, tokenizer.bos_token_id)
     outputs = handler.outputs(options.output_prefix)
     result = PreprocessResult(outputs=outputs, dtypes={k: handler.output_dtype(k) for k in outputs},
                               tokens={k: 0 for k in outputs})

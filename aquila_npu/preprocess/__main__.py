@@ -7,6 +7,8 @@ The seed guide's (ModelLink) flags work unchanged::
       -> dataset/alpaca_text_document.bin/.idx                 (pretraining, GeneralPretrainHandler)
     ... --handler-name GeneralInstructionHandler --append-eod
       -> dataset/alpaca_packed_{input_ids,attention_mask,labels}_document.bin/.idx   (instruction tuning)
+    ... --handler-name SharegptStyleInstructionHandler --prompt-type aquila-v1 [--map-keys JSON]
+      -> the same three datasets from multi-turn conversations (ShareGPT or OpenAI messages)
 
 Ours in addition: ``--skip-bad-records`` (skip and count malformed records instead of stopping at the first),
 ``--batch-size`` (records per tokenizer batch), ``--no-progress``.
@@ -30,6 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-type", default="PretrainedFromHF",
                         help="PretrainedFromHF (seed) or HuggingFaceTokenizer (Megatron-LM): the same thing")
     parser.add_argument("--handler-name", default="GeneralPretrainHandler", choices=sorted(HANDLERS))
+    parser.add_argument("--prompt-type", default=None,
+                        help="conversation data: the chat template it is written in (aquila2: aquila-v1, "
+                             "aquila-legacy, aquila)")
+    parser.add_argument("--map-keys", default=None,
+                        help='conversation data in other field names, as JSON: {"messages": FIELD, "system": FIELD, '
+                             '"tags": {"role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag"}}')
     parser.add_argument("--json-keys", nargs="+", default=["text"],
                         help="fields to tokenise with the pretraining handler (default: text)")
     parser.add_argument("--append-eod", action="store_true", help="end each sample with the eos (end-of-document) id")
@@ -57,7 +65,8 @@ def main(argv=None) -> int:
         handler=args.handler_name, json_keys=tuple(args.json_keys), append_eod=args.append_eod,
         seq_length=args.seq_length, workers=args.workers, batch_size=args.batch_size,
         skip_bad_records=args.skip_bad_records, tokenizer_type=args.tokenizer_type,
-        log_interval=args.log_interval, progress=not args.no_progress)
+        log_interval=args.log_interval, progress=not args.no_progress, prompt_type=args.prompt_type,
+        map_keys=args.map_keys)
 
     def run() -> None:
         result = preprocess(options)

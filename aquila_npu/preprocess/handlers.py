@@ -1,4 +1,5 @@
-"""What a record becomes: the pretraining and the instruction (Alpaca) handlers.
+"""What a record becomes: the pretraining and the instruction (Alpaca) handlers (conversations:
+``aquila_npu.preprocess.conversations``).
 
 A handler is a small picklable object: the fields it reads, the datasets it writes, and ``encode`` that turns a
 batch of validated texts into flat token arrays plus per-sample lengths. ``encode`` runs on the worker threads; the
@@ -166,4 +167,6 @@ class InstructionHandler:
 
 
 HANDLERS = {"GeneralPretrainHandler": PretrainHandler, "GeneralInstructionHandler": InstructionHandler,
-            "AlpacaStyleInstructionHandler": InstructionHandler}
+            "AlpacaStyleInstructionHandler": InstructionHandler,
+            # MindSpeed-LLM's name, and ours (aquila_npu.preprocess.conversations, imported when chosen)
+            "SharegptStyleInstructionHandler": "conversations", "ConversationHandler": "conversations"}

@@ -20,7 +20,7 @@ require() {  # require VAR...: the seed's path variables a script needs
         if [ -z "${!name:-}" ]; then
             echo "$(basename "$0"): set $name (TOKENIZER_PATH: the tokenizer folder; DATA_PATH: the dataset prefix;" \
                  "CKPT_LOAD_DIR: the converted checkpoint; CKPT_SAVE_DIR: where to save;" \
-                 "EVAL_DATA_PATH: the task's data file or folder)" >&2
+                 "EVAL_DATA_PATH: the task's data file or folder; CONVERSATIONS: the conversation records)" >&2
             exit 2
         fi
     done
