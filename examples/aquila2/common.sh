@@ -3,8 +3,8 @@
 #   ROUTE=megatron-lm  torchrun $MEGATRON_LM_PATH/pretrain_gpt.py --plugin aquila2  -- unmodified Megatron-LM
 # Variables as in the seed: TOKENIZER_PATH, DATA_PATH, CKPT_LOAD_DIR, CKPT_SAVE_DIR; cluster: NPUS_PER_NODE,
 # MASTER_ADDR, MASTER_PORT, NNODES, NODE_RANK. The device (npu, cuda, cpu) is chosen automatically.
-# generate_* and evaluate_* scripts need TOKENIZER_PATH and CKPT_LOAD_DIR (evaluate_*: EVAL_DATA_PATH, TASK) and
-# run on one node (tensor parallel).
+# generate_*, evaluate_* and serve_* scripts need TOKENIZER_PATH and CKPT_LOAD_DIR (evaluate_*: EVAL_DATA_PATH,
+# TASK; serve_*: MEGATRON_LM_PATH) and run on one node (tensor parallel).
 set -euo pipefail
 
 NPUS_PER_NODE=${NPUS_PER_NODE:-8}
@@ -52,4 +52,16 @@ launch() {  # launch MODEL_NAME ARGS...: a training run on either route
     else
         torchrun $DISTRIBUTED_ARGS -m aquila_npu.pretrain --plugin aquila2 --model "$model" "$@"
     fi
+}
+
+serve() {  # serve MODEL_NAME DTYPE_FLAG ARGS...: Megatron-LM's REST server (TP8 on one node) through the plugin
+    CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-${CHECKPOINT:-}}
+    require TOKENIZER_PATH CKPT_LOAD_DIR
+    : "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout (tag core_v0.16.1)}"
+    local model=$1 dtype=$2; shift 2
+    cd "$MEGATRON_LM_PATH"
+    torchrun $DISTRIBUTED_ARGS tools/run_text_generation_server.py --plugin aquila2 --model "$model" \
+        --load "$CKPT_LOAD_DIR" --auto-detect-ckpt-format --tokenizer-type HuggingFaceTokenizer \
+        --tokenizer-model "$TOKENIZER_PATH" --tensor-model-parallel-size 8 "$dtype" --micro-batch-size 1 \
+        --port "${PORT:-5000}" --host "${HOST:-0.0.0.0}" "$@"
 }

@@ -8,12 +8,5 @@
 #   curl -X PUT http://127.0.0.1:5000/api -H 'Content-Type: application/json' \
 #        -d '{"prompts": ["北京是中国的"], "tokens_to_generate": 64, "top_k": 1}'
 source "$(dirname "$0")/common.sh"
-CKPT_LOAD_DIR=${CKPT_LOAD_DIR:-${CHECKPOINT:-}}
-require TOKENIZER_PATH CKPT_LOAD_DIR
-: "${MEGATRON_LM_PATH:?set MEGATRON_LM_PATH to a Megatron-LM checkout (tag core_v0.16.1)}"
-cd "$MEGATRON_LM_PATH"
 
-torchrun $DISTRIBUTED_ARGS tools/run_text_generation_server.py --plugin aquila2 --model aquila2-34b \
-    --load "$CKPT_LOAD_DIR" --auto-detect-ckpt-format --tokenizer-type HuggingFaceTokenizer \
-    --tokenizer-model "$TOKENIZER_PATH" --tensor-model-parallel-size 8 --bf16 --micro-batch-size 1 \
-    --port "${PORT:-5000}" --host "${HOST:-0.0.0.0}" "$@"
+serve aquila2-34b --bf16 "$@"
