@@ -68,7 +68,6 @@ class ConversationHandler:
     eod: int | None = None
 
     name: ClassVar[str] = "SharegptStyleInstructionHandler"
-    check_fields: ClassVar[bool] = True
     layouts: tuple = field(init=False, default=())
 
     def __post_init__(self) -> None:
