@@ -47,20 +47,7 @@ class ChatTemplate:
     def render(self, messages: Iterable[Mapping[str, str]]) -> str:
         """The prompt for the assistant's next turn after ``messages`` (``{"role", "content"}`` dicts, roles
         ``system`` (first only), ``user`` and ``assistant`` alternating from ``user``, ending with ``user``)."""
-        messages = list(messages)
-        system = self.system_message
-        if messages and messages[0].get("role") == "system":
-            system, messages = str(messages[0].get("content", "")), messages[1:]
-        turns = []
-        for index, message in enumerate(messages):
-            role, content = message.get("role"), message.get("content")
-            expected = "user" if index % 2 == 0 else "assistant"
-            if role != expected:
-                raise AquilaNpuError(f"chat message {index + 1}: role {role!r} where {expected!r} was expected "
-                                     f"(roles alternate user/assistant after an optional system message)")
-            if not isinstance(content, str):
-                raise AquilaNpuError(f"chat message {index + 1}: content must be a string")
-            turns.append(content)
+        system, turns = self._system_and_turns(messages)
         if not turns or len(turns) % 2 == 0:
             raise AquilaNpuError("a chat must end with a user message (the assistant's turn is generated)")
         roles, seps = (self.user_role, self.assistant_role), (self.sep, self.sep2)
@@ -83,28 +70,39 @@ class ChatTemplate:
         everything else (system message, user turns, role names) is context. The pieces join to the whole text.
         ``messages``: an optional system message, then user and assistant turns alternating from user, ending with
         an assistant reply."""
-        messages = list(messages)
-        system = self.system_message
-        if messages and messages[0].get("role") == "system":
-            system, messages = str(messages[0].get("content", "")), messages[1:]
-        for index, message in enumerate(messages):
-            expected = "user" if index % 2 == 0 else "assistant"
-            if message.get("role") != expected or not isinstance(message.get("content"), str):
-                raise AquilaNpuError(f"chat message {index + 1}: a {expected} message with text content was expected "
-                                     f"(roles alternate user/assistant after an optional system message)")
-        if not messages or len(messages) % 2:
+        system, turns = self._system_and_turns(messages)
+        if not turns or len(turns) % 2:
             raise AquilaNpuError("a conversation to train on ends with an assistant reply")
         colon = "" if self.style == "no_colon_two" else ": "
         pieces: list[tuple[str, bool]] = []
         context = system if self.style == "no_colon_two" else system + self.sep
-        for index, message in enumerate(messages):
+        for index, content in enumerate(turns):
             if index % 2 == 0:
-                context += self.user_role + colon + message["content"] + self.sep
+                context += self.user_role + colon + content + self.sep
             else:
                 context += self.assistant_role + colon
-                pieces += [(context, False), (message["content"] + self.sep2, True)]
+                pieces += [(context, False), (content + self.sep2, True)]
                 context = ""
         return [(text, trained) for text, trained in pieces if text]
+
+    def _system_and_turns(self, messages: Iterable[Mapping[str, str]]) -> tuple[str, list[str]]:
+        """The system message (the template's unless the first message is one) and the turns' texts, user first,
+        checked to alternate user/assistant."""
+        messages = list(messages)
+        system = self.system_message
+        if messages and messages[0].get("role") == "system":
+            system, messages = str(messages[0].get("content", "")), messages[1:]
+        turns = []
+        for index, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            expected = "user" if index % 2 == 0 else "assistant"
+            if role != expected:
+                raise AquilaNpuError(f"chat message {index + 1}: role {role!r} where {expected!r} was expected "
+                                     f"(roles alternate user/assistant after an optional system message)")
+            if not isinstance(content, str):
+                raise AquilaNpuError(f"chat message {index + 1}: content must be a string")
+            turns.append(content)
+        return system, turns
 
     def reply_text(self, generated: str) -> str:
         """The assistant's reply in ``generated``: cut at the first stop string; the leading space the model

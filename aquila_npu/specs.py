@@ -53,7 +53,7 @@ class ModelSpec:
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise AquilaNpuError(f"model spec {self.name!r}: {name} must be a positive integer, got {value!r}")
         factor = self.rotary_seq_len_interpolation_factor
-        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1):
+        if factor is not None and not is_scaling_factor(factor):
             raise AquilaNpuError(f"model spec {self.name!r}: rotary_seq_len_interpolation_factor must be a number "
                                  f">= 1 (the linear RoPE scaling factor), got {factor!r}")
         if self.hidden_size % self.num_attention_heads:
@@ -191,6 +191,11 @@ class ModelSpec:
         return {"--rotary-seq-len-interpolation-factor": str(int(factor))}
 
 
+def is_scaling_factor(value: Any) -> bool:
+    """A linear RoPE scaling factor: a number (not a bool) of at least 1."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value >= 1
+
+
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() and abs(value) >= 1 else repr(float(value))
 
@@ -305,7 +310,7 @@ def spec_from_llama_config(config: Mapping[str, Any], name: str) -> ModelSpec:
     factor = None
     if rope_type == "linear":
         factor = scaling.get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        if not is_scaling_factor(factor):
             raise AquilaNpuError(f"linear RoPE scaling needs a numeric factor >= 1 in the config's rope_scaling, "
                                  f"got {factor!r}")
         factor = float(factor)

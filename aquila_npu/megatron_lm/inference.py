@@ -68,20 +68,18 @@ def aquila_npu_register_patches(registry, device):
 
 # ------------------------------------------------------------------------------------------ tokenizer conventions
 class FamilyTokenizer:
-    """A Megatron tokenizer that tokenizes and ends sequences as the model family's inference does; every other
-    attribute is the wrapped tokenizer's."""
+    """A Megatron tokenizer that tokenizes and ends sequences as the model family's inference does (through
+    ``aquila_npu.inference.InferenceTokenizer``, our driver's: the family's BOS and end token); every other attribute
+    is the wrapped tokenizer's."""
 
-    def __init__(self, wrapped, hf, defaults) -> None:
+    def __init__(self, wrapped, ours) -> None:
         self._wrapped = wrapped
-        self._hf = hf
-        self.add_bos = bool(defaults.add_bos_token)
-        self.bos = defaults.bos_token_id if defaults.bos_token_id is not None else hf.bos_token_id
-        self.eod = defaults.eos_token_id if defaults.eos_token_id is not None else hf.eos_token_id
-        self.eos_id = self.eod
+        self._ours = ours
+        self.bos, self.eod, self.eos_id = ours.bos, ours.eod, ours.eod
 
     def tokenize(self, text: str, **kwargs) -> list[int]:
-        ids = self._hf(text, add_special_tokens=False).input_ids
-        return [self.bos, *ids] if self.add_bos else ids
+        ids = self._ours.tokenize(text)
+        return [self.bos, *ids] if self._ours.add_bos else ids
 
     def __getattr__(self, name: str):
         return getattr(self._wrapped, name)
@@ -105,9 +103,9 @@ def _with_family_conventions(original):
         family = route_family()
         if getattr(args, "tokenizer_type", None) != "HuggingFaceTokenizer" or family is None:
             return tokenizer
-        from aquila_npu.preprocess import load_tokenizer
+        from aquila_npu.inference import InferenceTokenizer
 
-        return FamilyTokenizer(tokenizer, load_tokenizer(args.tokenizer_model), family.tokenizer)
+        return FamilyTokenizer(tokenizer, InferenceTokenizer(args.tokenizer_model, family.tokenizer))
 
     return build_tokenizer
 
