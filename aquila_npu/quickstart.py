@@ -373,8 +373,9 @@ def _finetune(run: _Run) -> tuple[bool, str]:
 
 
 def _chat_finetune(run: _Run) -> tuple[bool, str]:
-    """Multi-turn conversations in the model's chat template -> instruction datasets (labels on the replies only,
-    checked against the tokenizer), then fine-tuning on them from the pretrained checkpoint."""
+    """Multi-turn conversations in the model's chat template -> packed instruction datasets (labels on the replies
+    only, checked against the tokenizer), then fine-tuning on them from the pretrained checkpoint, one packed
+    sequence a micro-batch, positions and attention reset at each conversation."""
     from transformers import AutoTokenizer
 
     from aquila_npu.preprocess import PreprocessOptions, preprocess
@@ -386,19 +387,21 @@ def _chat_finetune(run: _Run) -> tuple[bool, str]:
     data = preprocess(PreprocessOptions(input=str(_sample("conversations", "alpaca_chat_200.jsonl")),
                                         tokenizer=run.tokenizer_dir, output_prefix=prefix,
                                         handler="SharegptStyleInstructionHandler", prompt_type=template.name,
-                                        seq_length=run.spec.seq_length, progress=False))
+                                        seq_length=run.spec.seq_length, pack=True, progress=False))
     labels = indexed_dataset_module().IndexedDataset(data.outputs["labels"])
     tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_dir)
     trained = tokenizer.decode([int(t) for t in labels[0] if t != IGNORE_INDEX])
     ok = trained.endswith(template.sep2) and template.user_role not in trained
     losses = _train(run.spec.name, run.tokenizer_dir, ["--data-path", prefix, "--is-instruction-dataset",
                                                        "--seq-length", str(run.spec.seq_length), "--train-iters",
-                                                       "10", "--load", run.pretrained, "--finetune"],
+                                                       "10", "--load", run.pretrained, "--finetune",
+                                                       "--micro-batch-size", "1", "--reset-position-ids",
+                                                       "--reset-attention-mask"],
                     run.options.device, "chat fine-tune")
     falls, detail = _falls(losses)
-    return ok and falls, (f"{data.samples} conversations ({data.too_long} longer than {run.spec.seq_length} tokens "
-                          f"dropped) in the {template.name} template, loss on the replies only"
-                          f"{'' if ok else ' (labels WRONG)'}; 10 iterations: {detail}")
+    return ok and falls, (f"{data.packed} conversations ({data.too_long} longer than {run.spec.seq_length} tokens "
+                          f"dropped) in the {template.name} template, packed into {data.samples} sequences, loss on "
+                          f"the replies only{'' if ok else ' (labels WRONG)'}; 10 iterations: {detail}")
 
 
 def _convert_trained(run: _Run) -> tuple[bool, str]:
@@ -437,7 +440,8 @@ STAGES = (
     ("preprocess", "preprocess", "Alpaca records -> pretraining and instruction datasets", _preprocess),
     ("pretrain", "pretrain", "20 iterations of the megatron-core driver", _pretrain),
     ("finetune", "finetune", "20 iterations of instruction fine-tuning from the pretrained checkpoint", _finetune),
-    ("chat-finetune", "chat fine-tune", "multi-turn conversations in the chat template, fine-tuned on the replies",
+    ("chat-finetune", "chat fine-tune", ("multi-turn conversations in the chat template, packed, fine-tuned on "
+                                         "the replies"),
      _chat_finetune),
     ("convert-trained", "convert trained", "the fine-tuned checkpoint -> Hugging Face", _convert_trained),
     ("generate", "generate", "greedy generation on the converted checkpoint vs transformers", _generate),

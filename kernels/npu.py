@@ -12,7 +12,11 @@ wheel — the contract tests hold a stand-in to exactly these, read from the rea
   ``pre_tockens >= Sq`` (the default 2147483647) and the lower-triangular mask; any other mask (padding, packed
   documents) goes as ``sparse_mode=1`` (allMask: the full mask, no window) with ``inner_precise=2``, the documented
   correction for rows the mask removes entirely. Layout SBH, GQA native (``head_num`` counts query heads), the mask
-  boolean with True = not attended, shaped BNSS / B1SS / 11SS / SS;
+  boolean with True = not attended, shaped BNSS / B1SS / 11SS / SS. Packed documents (megatron-core's thd) go as
+  layout TND with ``actual_seq_qlen`` / ``actual_seq_kvlen`` (cumulative lengths, "required" with TND) and
+  ``sparse_mode=3`` (rightDownCausal: causal within each document) over the operator's compressed causal mask, 2048 x
+  2048, True above the diagonal (as ``transformers.integrations.npu_flash_attention`` passes it); at most 1K
+  documents a call (more: the reference computes);
 * ``npu_fused_infer_attention_score`` — the inference operator, for prefill (Q_S > 1) and decode steps against the
   KV cache (Q_S = 1), chosen by the attention module when the model runs without autograd (``infer_attention``).
   Layout BSND (contiguous), ``num_heads`` / ``num_key_value_heads`` for GQA, the mask (B,1,Q_S,KV_S) or
@@ -32,6 +36,9 @@ from aquila_npu.kernels.reference import CoreAttention, RMSNorm, causal_mask
 # sparse_mode values of torch_npu's attention operators
 SPARSE_DEFAULT_MASK = 0  # the mask plus the pre/next window
 SPARSE_ALL_MASK = 1  # the full mask as given; the window is ignored
+SPARSE_RIGHT_DOWN_CAUSAL = 3  # causal aligned to the bottom right, per document with TND; a compressed mask
+COMPRESSED_MASK_SIZE = 2048  # the compressed causal mask of sparse modes 2-4: 2048 x 2048
+VARLEN_MAX_DOCUMENTS = 1024  # TND: actual_seq_qlen holds at most 1K lengths
 # inner_precise: high precision with the correction of rows the mask removes entirely ("invalid rows")
 INVALID_ROW_CORRECTION = 2
 # npu_rotary_mul's limits (half mode): D even and below 896; B and N below 1000
@@ -86,6 +93,30 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
     return out.reshape(sq, b, heads, d)
 
 
+_compressed_masks: dict = {}
+
+
+def _compressed_causal_mask(device) -> torch.Tensor:
+    key = str(device)
+    if key not in _compressed_masks:
+        _compressed_masks[key] = torch.ones(COMPRESSED_MASK_SIZE, COMPRESSED_MASK_SIZE, dtype=torch.bool,
+                                            device=device).triu(1)
+    return _compressed_masks[key]
+
+
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor, max_seqlen_q: int | None = None,
+                     max_seqlen_kv: int | None = None) -> torch.Tensor:
+    """Training attention over packed documents (``npu_fusion_attention``, layout TND): ``[t, heads, d]``."""
+    ends_q = [int(x) for x in cu_seqlens_q.reshape(-1)[1:].tolist()]
+    ends_kv = [int(x) for x in cu_seqlens_kv.reshape(-1)[1:].tolist()]
+    if len(ends_q) > VARLEN_MAX_DOCUMENTS:
+        return reference.packed_attention(query, key, value, scale, cu_seqlens_q, cu_seqlens_kv)
+    return _torch_npu().npu_fusion_attention(
+        query, key, value, query.shape[1], "TND", atten_mask=_compressed_causal_mask(query.device), scale=scale,
+        keep_prob=1.0, actual_seq_qlen=ends_q, actual_seq_kvlen=ends_kv, sparse_mode=SPARSE_RIGHT_DOWN_CAUSAL)[0]
+
+
 def infer_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """Inference attention (``npu_fused_infer_attention_score``): prefill, and decode steps against the KV cache;
@@ -131,8 +162,9 @@ class NpuSwiGLU(torch.nn.Module):
 
 
 class NpuFlashAttention(CoreAttention):
-    """megatron-core core attention: ``npu_fusion_attention`` in training, ``npu_fused_infer_attention_score`` for
-    generation and evaluation."""
+    """megatron-core core attention: ``npu_fusion_attention`` in training (layout TND for packed documents),
+    ``npu_fused_infer_attention_score`` for generation and evaluation."""
 
     kernel = staticmethod(attention)
     inference_kernel = staticmethod(infer_attention)
+    packed_kernel = staticmethod(packed_attention)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from aquila_npu.kernels.reference import CoreAttention, RMSNorm, causal_mask
+from aquila_npu.kernels.reference import CoreAttention, RMSNorm, causal_mask, document_mask
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,6 +33,18 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
     return out.permute(2, 0, 1, 3)
 
 
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor, max_seqlen_q: int | None = None,
+                     max_seqlen_kv: int | None = None) -> torch.Tensor:
+    """Packed documents (layout thd, ``[t, heads, d]``): SDPA with the block-diagonal document mask (its
+    memory-efficient backend on CUDA; SDPA has no variable-length entry point)."""
+    allowed = ~document_mask(cu_seqlens_q, cu_seqlens_kv)
+    q, k, v = (t.permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))  # [1, heads, t, d]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    return out[0].permute(1, 0, 2)
+
+
 class TorchRMSNorm(RMSNorm):
     """The reference ``RMSNorm`` module (its weight marked for sequence parallelism) computing with
     ``torch.nn.functional.rms_norm``."""
@@ -44,3 +56,4 @@ class SdpaAttention(CoreAttention):
     """megatron-core core attention over ``scaled_dot_product_attention``."""
 
     kernel = staticmethod(attention)
+    packed_kernel = staticmethod(packed_attention)

@@ -58,6 +58,20 @@ def causal_mask(q_len: int, k_len: int, device=None) -> torch.Tensor:
     return torch.ones(q_len, k_len, dtype=torch.bool, device=device).triu(1 + k_len - q_len)
 
 
+def document_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor) -> torch.Tensor:
+    """``[tq, tk]``, True where masked, for packed (``thd``) sequences: a query sees only the keys of its own
+    document, causally (aligned to the end of the document's keys, as ``causal_mask``). ``cu_seqlens_*`` are the
+    cumulative document lengths ``[0, l1, l1 + l2, ..., t]`` (megatron-core's ``PackedSeqParams``)."""
+    cu_q, cu_kv = cu_seqlens_q.long().reshape(-1), cu_seqlens_kv.long().reshape(-1)
+    len_q, len_kv = cu_q.diff(), cu_kv.diff()
+    docs = torch.arange(len(len_q), device=cu_q.device)
+    doc_q, doc_kv = docs.repeat_interleave(len_q), docs.repeat_interleave(len_kv)
+    # position from the end of its document: a query sees the keys no further from their end than it is from its own
+    from_end_q = cu_q[1:].repeat_interleave(len_q) - torch.arange(int(cu_q[-1]), device=cu_q.device)
+    from_end_kv = cu_kv[1:].repeat_interleave(len_kv) - torch.arange(int(cu_kv[-1]), device=cu_q.device)
+    return (doc_q[:, None] != doc_kv[None, :]) | (from_end_kv[None, :] < from_end_q[:, None])
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
               mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention, layout sbhd: ``query`` ``[sq, b, heads, d]``, ``key``/``value`` ``[sk, b, groups, d]`` (GQA:
@@ -77,14 +91,38 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale
     return torch.matmul(probs.to(value.dtype), v).permute(2, 0, 1, 3)
 
 
+def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_kv: torch.Tensor, max_seqlen_q: int | None = None,
+                     max_seqlen_kv: int | None = None) -> torch.Tensor:
+    """Attention over packed documents, layout thd (megatron-core's ``qkv_format='thd'``): ``query`` ``[tq, heads,
+    d]``, ``key``/``value`` ``[tk, groups, d]``; each document attends causally to itself only
+    (``document_mask``, dense). Returns ``[tq, heads, d]``."""
+    mask = document_mask(cu_seqlens_q, cu_seqlens_kv)
+    return attention(query[:, None], key[:, None], value[:, None], scale, mask[None, None])[:, 0]
+
+
+def packed_arguments(packed_seq_params) -> tuple:
+    """``(cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv)`` of megatron-core's ``PackedSeqParams``: the
+    padded boundaries where given (they describe the tensors' layout), else the plain ones."""
+    if packed_seq_params.qkv_format != "thd":
+        raise ValueError(f"packed sequences in layout {packed_seq_params.qkv_format!r}: only 'thd' is supported")
+    p = packed_seq_params
+    cu_q = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
+    cu_kv = p.cu_seqlens_kv_padded if p.cu_seqlens_kv_padded is not None else p.cu_seqlens_kv
+    return cu_q, cu_kv, p.max_seqlen_q, p.max_seqlen_kv
+
+
 class CoreAttention(torch.nn.Module):
     """megatron-core core attention (``DotProductAttention``'s constructor and forward) over an attention function
     with ``attention``'s signature: ``[sq, b, heads, d]`` in, ``[sq, b, heads * d]`` out. Subclasses set ``kernel``
     and, where the device has a separate operator for inference (generation, evaluation: the model in eval mode with
-    autograd off), ``inference_kernel``; this one computes with the reference."""
+    autograd off), ``inference_kernel``; packed sequences (``packed_seq_params``, layout thd: ``--reset-attention-mask``
+    training on packed data) go to ``packed_kernel`` (``packed_attention``'s signature). This one computes with the
+    reference."""
 
     kernel = staticmethod(attention)
     inference_kernel = None
+    packed_kernel = staticmethod(packed_attention)
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None, **_unused) -> None:
@@ -95,8 +133,11 @@ class CoreAttention(torch.nn.Module):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if attention_bias is not None or packed_seq_params is not None:
-            raise ValueError(f"{type(self).__name__}: attention bias and packed sequences are not supported")
+        if attention_bias is not None:
+            raise ValueError(f"{type(self).__name__}: attention bias is not supported")
+        if packed_seq_params is not None:  # [t, heads, d] in; [t, heads * d] out (megatron-core adds the batch of 1)
+            out = self.packed_kernel(query, key, value, self.scale, *packed_arguments(packed_seq_params))
+            return out.reshape(out.shape[0], -1)
         # megatron-core's masks are boolean, True = masked; anything else here is its causal default
         mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
         inference = self.inference_kernel is not None and not self.training and not torch.is_grad_enabled()

@@ -90,8 +90,8 @@ def reference_kernels() -> dict[str, Kernel]:
     """The plain-PyTorch implementations (megatron-core's own where it already computes exactly that)."""
     return {
         "rms_norm": Kernel("reference RMSNorm (fp32 statistics)", "aquila_npu.kernels.reference.RMSNorm"),
-        "attention": Kernel("megatron-core DotProductAttention",
-                            "megatron.core.transformer.dot_product_attention.DotProductAttention"),
+        # packed sequences (thd) included: megatron-core's own refuses them without Transformer Engine
+        "attention": Kernel("megatron-core DotProductAttention", "aquila_npu.kernels.megatron_core.DotProductAttention"),
         "rotary": Kernel("megatron-core rotate-half RoPE", None, {"apply_rope_fusion": False}),
         "swiglu": Kernel("megatron-core silu(gate) * up", None,
                          {"use_te_activation_func": False, "bias_activation_fusion": False}),
@@ -155,6 +155,26 @@ def megatron_rotary_slot(apply_rotary: Callable) -> Callable:
         return rotated if rot_dim == t.shape[-1] else torch.cat((rotated, t[..., rot_dim:]), dim=-1)
 
     return fused_apply_rotary_pos_emb
+
+
+def megatron_rotary_thd_slot(apply_rotary: Callable) -> Callable:
+    """``apply_rotary(t, cos, sin)`` in the shape of megatron-core's fused-RoPE slot for packed sequences
+    (``rope_utils.fused_apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_size=1, cp_rank=0)``, called for ``thd``
+    tensors ``[t, heads, d]`` when ``apply_rope_fusion`` is set): positions restart at each document, as in
+    megatron-core's own ``_apply_rotary_pos_emb_thd``."""
+    import torch
+
+    sbhd = megatron_rotary_slot(apply_rotary)
+
+    def fused_apply_rotary_pos_emb_thd(t, cu_seqlens, freqs, cp_size=1, cp_rank=0):
+        if cp_size != 1:
+            raise AquilaNpuError("packed sequences with context parallelism have no fused rotary kernel here; use "
+                                 "--no-use-fused-rotary-pos-emb")
+        lengths = cu_seqlens.reshape(-1).diff().tolist()
+        packed = torch.cat([freqs[:length] for length in lengths])  # [t, 1, 1, rot_dim]
+        return sbhd(t.unsqueeze(1), packed).squeeze(1)
+
+    return fused_apply_rotary_pos_emb_thd
 
 
 def pytorch_kernels(default: bool) -> dict[str, Kernel]:

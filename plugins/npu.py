@@ -141,10 +141,16 @@ def aquila_npu_register_patches(registry, device):
     without_triton.register_stubs(registry, owner=DEVICE)
 
     def npu_rotary(original):
-        from aquila_npu.kernels.seams import megatron_rotary_slot
         from aquila_npu.kernels.npu import apply_rotary
+        from aquila_npu.kernels.seams import megatron_rotary_slot
 
         return megatron_rotary_slot(apply_rotary)
+
+    def npu_rotary_thd(original):
+        from aquila_npu.kernels.npu import apply_rotary
+        from aquila_npu.kernels.seams import megatron_rotary_thd_slot
+
+        return megatron_rotary_thd_slot(apply_rotary)
 
     registry.register(
         "megatron.core.tensor_parallel.random._set_cuda_rng_state", lambda original: _set_npu_rng_state, owner=DEVICE,
@@ -168,6 +174,11 @@ def aquila_npu_register_patches(registry, device):
         "megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb", npu_rotary, owner=DEVICE,
         reason="megatron-core's fused-RoPE slot holds Transformer Engine's kernel, which Ascend lacks; fill it with "
                "torch_npu.npu_rotary_mul (used when --use-fused-rotary-pos-emb sets apply_rope_fusion)")
+    registry.register(
+        "megatron.core.models.common.embeddings.rope_utils.fused_apply_rotary_pos_emb_thd", npu_rotary_thd,
+        owner=DEVICE,
+        reason="the same slot for packed sequences (THD, --reset-attention-mask on packed data): "
+               "torch_npu.npu_rotary_mul with positions restarting at each document")
 
 
 def _npu_index(device) -> int | None:

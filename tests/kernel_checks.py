@@ -55,9 +55,11 @@ def attention_inputs(s: int, b: int, heads: int, groups: int, d: int, padded: bo
     return q, k, v, mask
 
 
-def same_model_outputs(spec, kernels, reference_kernels, atol=1e-5, rtol=1e-4) -> None:
+def same_model_outputs(spec, kernels, reference_kernels, atol=1e-5, rtol=1e-4, packed: list[int] | None = None
+                       ) -> None:
     """aquila2-shaped ``spec`` built with ``kernels`` and with ``reference_kernels`` from the same weights: equal
-    logits and equal gradients of every weight."""
+    logits and equal gradients of every weight. ``packed``: one sequence of documents of these lengths (megatron-core's
+    THD layout, as packed training runs) instead of two rows of 16 tokens."""
     from aquila_npu.model import build_gpt_model
 
     models = []
@@ -66,9 +68,19 @@ def same_model_outputs(spec, kernels, reference_kernels, atol=1e-5, rtol=1e-4) -
         models.append(build_gpt_model(spec, kernels=kernel_set, parallel_output=False, params_dtype=torch.float32))
     models[1].load_state_dict(models[0].state_dict())
     device = next(models[0].parameters()).device  # the megatron world's: a GPU where there is one
-    tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
-    positions = torch.arange(16, device=device)[None].expand(2, 16)
-    outputs = [model(tokens, positions, None) for model in models]
+    extra = {}
+    if packed:
+        from aquila_npu.training.data import packed_seq_params
+
+        tokens = torch.randint(0, spec.vocab_size, (1, sum(packed)), generator=torch.Generator().manual_seed(1))
+        positions = torch.cat([torch.arange(n) for n in packed])[None]
+        cu_seqlens = torch.tensor([0, *torch.tensor(packed).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        extra["packed_seq_params"] = packed_seq_params(cu_seqlens)
+        tokens, positions = tokens.to(device), positions.to(device)
+    else:
+        tokens = torch.randint(0, spec.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+        positions = torch.arange(16, device=device)[None].expand(2, 16)
+    outputs = [model(tokens, positions, None, **extra) for model in models]
     torch.testing.assert_close(outputs[1], outputs[0], atol=atol, rtol=rtol)
     for output in outputs:
         output.float().logsumexp(-1).sum().backward()

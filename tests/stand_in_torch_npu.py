@@ -46,7 +46,12 @@ DOCUMENTED = {
         "next_tockens取值为0, pre_tockens大于等于Sq, 表示causal场景sparse, atten_mask应传入下三角矩阵",
         "sparse_mode为1时, 代表allMask, 即传入完整的atten_mask矩阵. 该场景下忽略next_tockens、pre_tockens取值",
         "参数取值与atten_mask分布不一致会导致精度问题", "2为使能无效行计算", "该接口仅在训练场景下使用",
-        "keep_prob: 浮点型, 可选参数, 代表Dropout中1的比例"],
+        "keep_prob: 浮点型, 可选参数, 代表Dropout中1的比例",
+        # packed documents (layout TND)
+        "TND(actual_seq_qlen/actual_seq_kvlen需传值)", "varlen场景只支持SS格式", "表示query每个S的累加和长度",
+        "sparse_mode为3时, 代表rightDownCausal模式的mask, 对应以右下顶点划分的下三角场景",
+        "atten_mask为优化后的压缩下三角矩阵(2048*2048)", "varlen场景下长度最大支持1K",
+        "atten_mask输入不支持补pad，即atten_mask中不能存在某一行全1的场景"],
     "npu_fused_infer_attention_score": [
         "适配增量&全量推理场景的FlashAttention算子", "当Query矩阵的S为1, 进入IncreFlashAttention分支",
         "query: Tensor类型, attention结构的Query输入, 数据类型支持float16、bfloat16、int8, 不支持非连续的Tensor",
@@ -200,16 +205,21 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse, padding
                          pre_tockens, next_tockens, inner_precise, prefix, actual_seq_qlen, actual_seq_kvlen,
                          sparse_mode, **_rest):
     """Training FlashAttention: ``(attention_out, softmax_max, softmax_sum, softmax_out, seed, offset, numels)``.
-    Implemented for what aquila-npu uses: layout SBH, no dropout, no pse, sparse modes 0 (the mask plus the
-    pre/next window) and 1 (allMask)."""
+    Implemented for what aquila-npu uses: layout SBH with sparse modes 0 (the mask plus the pre/next window) and 1
+    (allMask); layout TND (packed documents) with sparse mode 3 (rightDownCausal per document) over the compressed
+    2048 x 2048 causal mask; no dropout, no pse."""
     _require(input_layout in ("BSH", "SBH", "BSND", "BNSD", "TND"), f"unknown layout {input_layout!r}")
-    _require(input_layout == "SBH", "the stand-in implements SBH only")
+    _require(input_layout in ("SBH", "TND"), "the stand-in implements SBH and TND only")
     _require(pse is None and padding_mask is None and prefix is None, "aquila-npu passes neither pse, padding_mask "
                                                                       "nor prefix")
     _require(0.0 < keep_prob <= 1.0, "keep_prob is in (0, 1]")
     _require(keep_prob == 1.0, "the stand-in has no dropout")
-    _require(sparse_mode in (0, 1), f"sparse_mode {sparse_mode}: the stand-in implements 0 and 1")
     _require(atten_mask is not None, "aquila-npu always passes the mask its window describes")
+    if input_layout == "TND":
+        return _varlen_attention(query, key, value, head_num, atten_mask, scale, actual_seq_qlen, actual_seq_kvlen,
+                                 sparse_mode)
+    _require(actual_seq_qlen is None and actual_seq_kvlen is None, "actual_seq_qlen/kvlen are for layout TND")
+    _require(sparse_mode in (0, 1), f"sparse_mode {sparse_mode}: the stand-in implements 0 and 1 for SBH")
     s_q, b, hidden = query.shape
     s_k = key.shape[0]
     _require(hidden % head_num == 0 and key.shape == value.shape, "query [S, B, N*D]; key and value alike")
@@ -226,6 +236,37 @@ def npu_fusion_attention(query, key, value, head_num, input_layout, pse, padding
     out = _attend(q, k, v, allowed, scale, inner_precise in (2, 3))
     empty = torch.empty(0)
     return out.permute(2, 0, 1, 3).reshape(s_q, b, hidden), empty, empty, empty, 0, 0, 0
+
+
+def _varlen_attention(query, key, value, head_num, atten_mask, scale, ends_q, ends_kv, sparse_mode):
+    """Layout TND: query ``[T, N, D]``, key/value ``[T, N_kv, D]``, documents by cumulative lengths; sparse mode 3
+    with the compressed causal mask (varlen takes the mask as SS only)."""
+    _require(ends_q is not None and ends_kv is not None, "TND needs actual_seq_qlen and actual_seq_kvlen")
+    _require(len(ends_q) == len(ends_kv) and 1 <= len(ends_q) <= 1024, "varlen: 1 to 1K documents, as many for kv")
+    _require(list(ends_q) == sorted(ends_q) and list(ends_kv) == sorted(ends_kv), "cumulative lengths")
+    _require(sparse_mode == 3, f"sparse_mode {sparse_mode}: the stand-in implements 3 (rightDownCausal) for TND")
+    _require(atten_mask.dtype in (torch.bool, torch.uint8) and tuple(atten_mask.shape) == (2048, 2048),
+             f"sparse_mode 3 takes the compressed 2048 x 2048 mask, not {tuple(atten_mask.shape)}")
+    _require(bool((atten_mask.bool() == torch.ones(2048, 2048, dtype=torch.bool).triu(1)).all()),
+             "the compressed mask is the causal one: True (masked) above the diagonal")
+    t_q, n_q, d = query.shape
+    _require(query.dim() == key.dim() == 3 and key.shape == value.shape and key.shape[2] == d,
+             "query [T, N, D]; key and value [T, N_kv, D]")
+    _require(n_q == head_num and head_num % key.shape[1] == 0, "head_num is the query's N, a multiple of N_kv")
+    _require(ends_q[-1] == t_q and ends_kv[-1] == key.shape[0], "the last cumulative length is T")
+    out = torch.zeros_like(query)
+    starts_q, starts_kv = [0, *ends_q[:-1]], [0, *ends_kv[:-1]]
+    for sq0, sq1, sk0, sk1 in zip(starts_q, ends_q, starts_kv, ends_kv):
+        if sq1 == sq0:
+            continue
+        lq, lk = sq1 - sq0, sk1 - sk0
+        allowed = ~torch.ones(lq, lk, dtype=torch.bool).triu(1 + lk - lq)  # bottom-right causal
+        _require(bool(allowed.any(-1).all()), "varlen masks may not remove a whole row")
+        q = query[sq0:sq1].permute(1, 0, 2)[None]
+        k, v = (x[sk0:sk1].permute(1, 0, 2)[None] for x in (key, value))
+        out[sq0:sq1] = _attend(q, k, v, allowed[None, None], scale, False)[0].permute(1, 0, 2)
+    empty = torch.empty(0)
+    return out, empty, empty, empty, 0, 0, 0
 
 
 @operator

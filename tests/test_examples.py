@@ -156,8 +156,12 @@ def test_the_aquilachat2_script_preprocesses_conversations_then_fine_tunes(tmp_p
            "DATA_PATH": str(prefix), "CKPT_LOAD_DIR": "load", "CKPT_SAVE_DIR": "save"}
     result = subprocess.run(["bash", str(REPO / "examples" / "aquila2" / "finetune_aquilachat2_7b_ptd.sh")],
                             capture_output=True, text=True, env=env, check=True)
-    assert len(IndexedDataset(f"{prefix}_packed_labels_document")) == 200  # none longer than 2,048 tokens
+    # all 200 conversations (none longer than 2,048 tokens), packed: numbered documents, fewer sequences
+    numbers = IndexedDataset(f"{prefix}_packed_attention_mask_document")
+    assert len(numbers) < 50 and sum(int(numbers[i].max()) for i in range(len(numbers))) == 200
     argv = result.stdout.splitlines()
     args = parse(argv[argv.index("-m") + 2:])
     assert (args.model, args.finetune, args.is_instruction_dataset) == ("aquila2-7b", True, True)
     assert args.data_path == [str(prefix)]
+    assert (args.micro_batch_size, args.reset_position_ids, args.reset_attention_mask,
+            args.calculate_per_token_loss) == (1, True, True, True)

@@ -10,11 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
-
 import stand_in_torch_npu
+import torch
 import torch_npu_wheel
-from kernel_checks import attention_inputs, rotary_tables, same_forward_backward, same_model_outputs
+from kernel_checks import (
+    attention_inputs,
+    rotary_tables,
+    same_forward_backward,
+    same_model_outputs,
+)
+from kernel_checks import rotary_angles as kernel_checks_angles
 from stand_in_torch_npu import ContractError
 
 
@@ -92,6 +97,47 @@ def test_attention(dtype, heads, groups, padded):
     scale = d ** -0.5
     _check(lambda q, k, v: npu.attention(q, k, v, scale, mask), lambda q, k, v: reference.attention(q, k, v, scale, mask),
            [q, k, v], dtype, "npu_fusion_attention")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, groups", [(6, 2), (4, 4)])
+def test_packed_attention(dtype, heads, groups):
+    """Packed documents (THD): npu_fusion_attention in layout TND with cumulative lengths, sparse mode 3 and the
+    compressed causal mask, equal to the reference's block-diagonal attention forward and backward."""
+    from aquila_npu.kernels import npu, reference
+
+    generator = torch.Generator().manual_seed(5)
+    lengths = [4, 1, 7, 3]
+    q = torch.randn(sum(lengths), heads, 16, generator=generator)
+    k, v = (torch.randn(sum(lengths), groups, 16, generator=generator) for _ in range(2))
+    cu = torch.tensor([0, 4, 5, 12, 15], dtype=torch.int32)
+    _check(lambda q, k, v: npu.packed_attention(q, k, v, 0.25, cu, cu),
+           lambda q, k, v: reference.packed_attention(q, k, v, 0.25, cu, cu), [q, k, v], dtype, "npu_fusion_attention")
+
+
+def test_the_packed_rotary_slot_equals_megatron_cores_thd_rope():
+    """megatron-core's fused-RoPE slot for THD filled with npu_rotary_mul: positions restart at each document, as
+    in megatron-core's own unfused _apply_rotary_pos_emb_thd."""
+    from aquila_npu.kernels.seams import megatron_rotary_thd_slot
+    from megatron.core.models.common.embeddings.rope_utils import (
+        _apply_rotary_pos_emb_thd,
+    )
+
+    from aquila_npu.kernels import npu
+
+    class OneRank:
+        def size(self):
+            return 1
+
+        def rank(self):
+            return 0
+
+    cu = torch.tensor([0, 4, 5, 12], dtype=torch.int32)
+    freqs = kernel_checks_angles(7, 16)[:, None, None, :]
+    slot = megatron_rotary_thd_slot(npu.apply_rotary)
+    same_forward_backward(lambda t: slot(t, cu, freqs), lambda t: _apply_rotary_pos_emb_thd(t, cu, freqs, cp_group=OneRank()),
+                          [torch.randn(12, 3, 16)], torch.float32)
+    assert stand_in_torch_npu.calls[-1] == "npu_rotary_mul"
 
 
 @pytest.mark.no_wheel
@@ -328,8 +374,9 @@ def test_aquila2_tiny_through_the_npu_plugin_matches_the_reference(megatron_worl
     """The npu plugin's kernels in a whole aquila2-tiny (GQA), all four on by default (npu_rotary_mul through the
     plugin's patch of megatron-core's fused-RoPE slot): logits and every weight gradient equal those of the reference
     kernels for the same weights (on this CPU, with the stand-in torch_npu)."""
-    from aquila_npu import plugin_manager
     from aquila_npu.kernels.seams import OPS
+
+    from aquila_npu import plugin_manager
 
     plugins = plugin_manager.get()
     npu_set = plugins.kernels("npu")
@@ -341,6 +388,22 @@ def test_aquila2_tiny_through_the_npu_plugin_matches_the_reference(megatron_worl
     finally:
         registry.revert()
     assert set(stand_in_torch_npu.calls) == {"npu_rms_norm", "npu_fusion_attention", "npu_swiglu", "npu_rotary_mul"}
+
+
+def test_the_npu_kernel_set_on_packed_documents_matches_the_reference(megatron_world, tiny_spec):
+    """Packed training (THD): the whole NPU set, its rotary in megatron-core's packed fused-RoPE slot and its
+    attention as npu_fusion_attention TND, gives the reference's logits and weight gradients over one sequence of
+    four documents."""
+    from aquila_npu import plugin_manager
+
+    plugins = plugin_manager.get()
+    registry = plugins.patch_registry("npu")
+    registry.apply()
+    try:
+        same_model_outputs(tiny_spec, plugins.kernels("npu"), plugins.kernels("cpu"), packed=[5, 1, 9, 3])
+    finally:
+        registry.revert()
+    assert {"npu_fusion_attention", "npu_rotary_mul"} <= set(stand_in_torch_npu.calls)
 
 
 def test_the_npu_flags_turn_each_fused_kernel_off(megatron_world, tiny_spec):

@@ -61,6 +61,11 @@ def aquila_npu_register_patches(registry, device):
                "hook (--is-instruction-dataset) after the script's own; check that --save is writable before "
                "training, not at the first save")
     registry.register(
+        "megatron.training.utils.get_batch_on_this_tp_rank", _packed_batch_on_every_tp_rank, owner="megatron-lm",
+        reason="packed instruction data (THD): at core_v0.16.1 the tensor-parallel ranks that receive the batch "
+               "never receive max_seqlen (pretrain_gpt.get_batch then fails on them) and cu_seqlens stays [1, n] "
+               "where PackedSeqParams needs [n]; every rank derives both from the broadcast cu_seqlens instead")
+    registry.register(
         "megatron.training.training.build_train_valid_test_datasets", _instruction_datasets_when_asked,
         owner="megatron-lm",
         reason="--is-instruction-dataset: the packed GeneralInstructionHandler datasets (loss on response tokens "
@@ -159,10 +164,33 @@ def _instruction_provider(train_valid_test_num_samples, vp_stage=None):
     from megatron.training import get_args
 
     from aquila_npu.training.arguments import instruction_prefix
-    from aquila_npu.training.data import DatasetTokenizer, instruction_datasets
+    from aquila_npu.training.data import (
+        DatasetTokenizer,
+        check_packed_training,
+        instruction_datasets,
+    )
 
     args = get_args()
     prefix = instruction_prefix(args.data_path)
     pad = DatasetTokenizer(args.tokenizer_model, 0).pad
+    # packed data carries no max_seqlen: _packed_batch_on_every_tp_rank derives it on every rank
+    packed = check_packed_training(prefix, args, per_token_loss_flag=True)
     return instruction_datasets(prefix, args.split, list(train_valid_test_num_samples), args.seq_length,
-                                args.seed, pad, create_attention_mask=args.create_attention_mask_in_dataloader)
+                                args.seed, pad, create_attention_mask=args.create_attention_mask_in_dataloader,
+                                packed=packed)
+
+
+def _packed_batch_on_every_tp_rank(original):
+    import functools
+
+    @functools.wraps(original)
+    def get_batch_on_this_tp_rank(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        cu_seqlens = batch.get("cu_seqlens")
+        if cu_seqlens is not None and batch.get("local_cp_size") is None:
+            cu_seqlens = cu_seqlens.reshape(-1)
+            batch["cu_seqlens"] = cu_seqlens
+            batch["max_seqlen"] = cu_seqlens.diff().max().reshape(1).to(cu_seqlens.dtype)
+        return batch
+
+    return get_batch_on_this_tp_rank

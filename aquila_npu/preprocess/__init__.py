@@ -38,6 +38,7 @@ class PreprocessOptions:
     progress: bool = True
     prompt_type: str | None = None  # conversations: the chat template's name (--prompt-type)
     map_keys: str | None = None     # conversations: --map-keys (JSON)
+    pack: bool = False              # instruction data: --pack (aquila_npu.preprocess.packing)
 
 
 @dataclass
@@ -46,7 +47,8 @@ class PreprocessResult:
     dtypes: dict[str, str]
     tokens: dict[str, int] = field(default_factory=dict)  # per dataset
     documents: int = 0                                    # records read
-    samples: int = 0                                      # samples written (per dataset)
+    samples: int = 0                                      # samples written (per dataset): sequences with --pack
+    packed: int = 0                                       # --pack: the samples packed into them
     bad: int = 0
     empty: int = 0
     too_long: int = 0
@@ -56,7 +58,10 @@ class PreprocessResult:
         main = next(iter(self.tokens))
         names = ", ".join(os.path.basename(p) for p in self.outputs.values())
         rate = self.documents / max(self.seconds, 1e-9)
-        return (f"{self.documents:,} documents -> {self.samples:,} samples, {self.tokens[main]:,} tokens ({names}; "
+        samples = f"{self.samples:,} samples"
+        if self.packed:
+            samples = f"{self.packed:,} samples packed into {self.samples:,} sequences"
+        return (f"{self.documents:,} documents -> {samples}, {self.tokens[main]:,} tokens ({names}; "
                 f"{'/'.join(sorted(set(self.dtypes.values())))}); skipped {self.bad} bad, {self.empty} empty, "
                 f"{self.too_long} too long; {self.seconds:.1f} s ({rate:,.0f} docs/s, "
                 f"{self.tokens[main] / max(self.seconds, 1e-9):,.0f} tokens/s)")
@@ -109,6 +114,12 @@ def make_handler(options: PreprocessOptions, vocab_size: int, eod: int | None, b
                              "its tokenizer_config.json")
     if options.seq_length is not None and options.seq_length < 1:
         raise AquilaNpuError(f"--seq-length {options.seq_length}: must be positive")
+    if options.pack:
+        if HANDLERS[options.handler] is PretrainHandler:
+            raise AquilaNpuError(f"--pack: packs instruction and conversation samples, not {options.handler} "
+                                 f"documents (pretraining already fills every sequence)")
+        if options.seq_length is None:
+            raise AquilaNpuError("--pack: give --seq-length, the training sequence length to pack samples into")
     dtype = indexed_dataset_module().DType.optimal_dtype(vocab_size).__name__  # megatron-core's rule: uint16 below 65,500 ids, else int32
     common = dict(dtype=dtype, append_eod=options.append_eod, eod=eod, seq_length=options.seq_length)
     if HANDLERS[options.handler] == "conversations":
@@ -252,6 +263,7 @@ def _parquet_rows(files: list[str]) -> int | None:
 
 
 def preprocess(options: PreprocessOptions) -> PreprocessResult:
+    from aquila_npu.preprocess.packing import pack_batch
     from aquila_npu.preprocess.writer import DatasetWriter
 
     if options.workers < 1:
@@ -278,6 +290,9 @@ def preprocess(options: PreprocessOptions) -> PreprocessResult:
         first = next(iter(outputs))
 
         def write(encoded: EncodedBatch, documents: int) -> None:
+            if options.pack:
+                result.packed += len(encoded.outputs["input_ids"].lengths)
+                encoded, _ = pack_batch(encoded, options.seq_length)
             with reported_os_errors(writing):
                 for key, part in encoded.outputs.items():
                     writers[key].add(part.tokens, part.lengths)

@@ -9,6 +9,8 @@ The seed guide's (ModelLink) flags work unchanged::
       -> dataset/alpaca_packed_{input_ids,attention_mask,labels}_document.bin/.idx   (instruction tuning)
     ... --handler-name SharegptStyleInstructionHandler --prompt-type aquila-v1 [--map-keys JSON]
       -> the same three datasets from multi-turn conversations (ShareGPT or OpenAI messages)
+    ... --pack --seq-length 2048   (either instruction handler)
+      -> the same three datasets, several samples a sequence (train with --reset-position-ids --reset-attention-mask)
 
 Ours in addition: ``--skip-bad-records`` (skip and count malformed records instead of stopping at the first),
 ``--batch-size`` (records per tokenizer batch), ``--no-progress``.
@@ -43,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--append-eod", action="store_true", help="end each sample with the eos (end-of-document) id")
     parser.add_argument("--seq-length", type=int, default=None,
                         help="drop (and count) samples of this many tokens or more, as ModelLink does")
+    parser.add_argument("--pack", "--neat-pack", action="store_true",
+                        help="instruction / conversation data: pack whole samples into sequences of --seq-length "
+                             "tokens, recording where each starts (MindSpeed-LLM's --neat-pack); train with "
+                             "--reset-position-ids --reset-attention-mask")
     parser.add_argument("--workers", type=int, default=1, help="tokenizer threads, one core each (output is the same for any)")
     parser.add_argument("--log-interval", type=int, default=1000,
                         help="documents between progress lines when not on a terminal")
@@ -66,7 +72,7 @@ def main(argv=None) -> int:
         seq_length=args.seq_length, workers=args.workers, batch_size=args.batch_size,
         skip_bad_records=args.skip_bad_records, tokenizer_type=args.tokenizer_type,
         log_interval=args.log_interval, progress=not args.no_progress, prompt_type=args.prompt_type,
-        map_keys=args.map_keys)
+        map_keys=args.map_keys, pack=args.pack)
 
     def run() -> None:
         result = preprocess(options)

@@ -106,8 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--no-shared-storage", action="store_true",
                    help="nodes do not share a filesystem: each node builds the dataset index caches it needs")
-    g.add_argument("--reset-position-ids", action="store_true")
-    g.add_argument("--reset-attention-mask", action="store_true")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="packed instruction data (--pack): positions restart at each document")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="packed instruction data (--pack): no token attends to another document")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="the loss is the mean over the global batch's loss tokens, not the mean of the micro-batches' "
+                        "means (Megatron-LM's flag; always so for packed data)")
     g.add_argument("--eod-mask-loss", action="store_true")
 
     g = p.add_argument_group("checkpoints")

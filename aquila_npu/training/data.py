@@ -44,11 +44,12 @@ def sample_counts(args) -> list[int]:
     return [args.train_iters * gbs, evals * args.eval_iters * gbs, args.eval_iters * gbs]
 
 
-def build_datasets(args, tokenizer: DatasetTokenizer):
-    """(train, valid, test) datasets; None where the split is empty."""
+def build_datasets(args, tokenizer: DatasetTokenizer, packed: bool = False):
+    """(train, valid, test) datasets; None where the split is empty. ``packed``: the instruction data was written
+    with ``--pack`` (``check_packed_training``)."""
     if args.is_instruction_dataset:
         return instruction_datasets(args.data_path[0], args.split, sample_counts(args), args.seq_length, args.seed,
-                                    tokenizer.pad)
+                                    tokenizer.pad, packed=packed)
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
     from megatron.core.datasets.utils import get_blend_from_list
@@ -71,15 +72,22 @@ def build_datasets(args, tokenizer: DatasetTokenizer):
 class InstructionDataset(torch.utils.data.Dataset):
     """Samples of a GeneralInstructionHandler output: one record a sample, shuffled anew each epoch, inputs
     ``input_ids[:-1]`` and labels ``labels[1:]`` padded to the sequence length; the loss mask is where the label is
-    not IGNORE_INDEX (prompt and padding carry no loss)."""
+    not IGNORE_INDEX (prompt and padding carry no loss).
+
+    A packed record (``--pack``: several documents, numbered in ``attention_mask``) also gives ``cu_seqlens``, the
+    int32 boundaries of its documents and then of the padding (megatron-core's THD layout, ``PackedSeqParams``, and
+    Megatron-LM's packed-batch key), position ids that restart at each document, and no loss on a document's last
+    token (its next token belongs to the next document), so each document trains exactly as it would alone."""
 
     def __init__(self, prefix: str, records: np.ndarray, num_samples: int, seq_length: int, seed: int,
-                 pad: int, create_attention_mask: bool = False) -> None:
+                 pad: int, create_attention_mask: bool = False, packed: bool = False) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self.input_ids = IndexedDataset(f"{prefix}_packed_input_ids_document")
         self.labels = IndexedDataset(f"{prefix}_packed_labels_document")
+        self.documents = IndexedDataset(f"{prefix}_packed_attention_mask_document") if packed else None
         self.seq_length, self.pad = seq_length, pad
+        self.create_attention_mask = create_attention_mask
         # Megatron-LM's data loader may ask for GPTDataset's causal mask (True = masked out)
         self.attention_mask = (torch.tril(torch.ones(1, seq_length, seq_length)) < 0.5) if create_attention_mask \
             else None
@@ -98,13 +106,83 @@ class InstructionDataset(torch.utils.data.Dataset):
         targets = np.full(self.seq_length, IGNORE_INDEX, dtype=np.int64)
         tokens[:len(ids) - 1] = ids[:-1]
         targets[:len(labels) - 1] = labels[1:]
+        position_ids = np.arange(self.seq_length)
+        cu_seqlens = None
+        if self.documents is not None:
+            documents = np.asarray(self.documents[record][:self.seq_length + 1], dtype=np.int64)
+            inputs = len(ids) - 1
+            targets[:inputs][documents[:-1] != documents[1:]] = IGNORE_INDEX
+            starts = np.flatnonzero(np.diff(documents[:-1])) + 1
+            ends = [inputs, self.seq_length] if inputs < self.seq_length else [inputs]  # the documents, the padding
+            cu_seqlens = np.concatenate([[0], starts, ends]).astype(np.int64)
+            position_ids -= np.repeat(cu_seqlens[:-1], np.diff(cu_seqlens))
         loss_mask = (targets != IGNORE_INDEX).astype(np.float32)
         targets[targets == IGNORE_INDEX] = self.pad  # a valid id; the loss mask removes it
         sample = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(targets),
-                  "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.arange(self.seq_length)}
-        if self.attention_mask is not None:
+                  "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.from_numpy(position_ids)}
+        if cu_seqlens is not None:
+            sample["cu_seqlens"] = torch.from_numpy(cu_seqlens.astype(np.int32))
+            if self.create_attention_mask:  # the dense equivalent: block-diagonal causal (True = masked out)
+                from aquila_npu.kernels.reference import document_mask
+
+                boundaries = sample["cu_seqlens"]
+                sample["attention_mask"] = document_mask(boundaries, boundaries)[None]
+        elif self.attention_mask is not None:
             sample["attention_mask"] = self.attention_mask
         return sample
+
+
+def is_packed(prefix: str) -> bool:
+    """Whether ``prefix``'s instruction datasets were written with ``--pack`` (a document number above 1 in
+    ``attention_mask``; unpacked samples hold 1 everywhere)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path
+
+    mask = f"{prefix}_packed_attention_mask_document"
+    if not IndexedDataset.exists(mask):
+        return False
+    dtype = check_indexed_dataset(mask).index.dtype
+    values = np.memmap(get_bin_path(mask), dtype=dtype, mode="r")
+    chunk = 1 << 24
+    return any(values[start:start + chunk].max(initial=0) > 1 for start in range(0, len(values), chunk))
+
+
+def check_packed_training(prefix: str, args, *, per_token_loss_flag: bool = False) -> bool:
+    """Whether ``prefix`` is packed; if so, that ``args`` train it as packed data must be trained. One line naming
+    what to add otherwise. ``per_token_loss_flag``: the route has Megatron-LM's ``--calculate-per-token-loss`` and
+    it must be given (our driver turns it on itself)."""
+    if not is_packed(prefix):
+        return False
+    needed = [("--reset-position-ids", args.reset_position_ids, "positions restart at each document"),
+              ("--reset-attention-mask", args.reset_attention_mask, "no token attends to another document")]
+    if per_token_loss_flag:
+        needed.append(("--calculate-per-token-loss", getattr(args, "calculate_per_token_loss", False),
+                       "the loss is the mean over all response tokens, as unpacked"))
+    missing = [(flag, why) for flag, given, why in needed if not given]
+    if missing:
+        raise AquilaNpuError(f"--data-path {prefix}: packed samples (preprocessed with --pack); add "
+                             f"{' '.join(flag for flag, _ in missing)} ({'; '.join(why for _, why in missing)})")
+    if args.micro_batch_size != 1:
+        raise AquilaNpuError(f"--micro-batch-size {args.micro_batch_size}: packed sequences train one a micro-batch "
+                             f"(megatron-core's THD layout); use --micro-batch-size 1 and set --global-batch-size")
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    inputs = IndexedDataset(f"{prefix}_packed_input_ids_document")  # held: its lengths are a view of its mmap
+    longest = int(inputs.sequence_lengths.max())
+    if longest > args.seq_length + 1:
+        raise AquilaNpuError(f"--seq-length {args.seq_length}: {prefix} was packed into sequences of up to "
+                             f"{longest - 1} tokens; train at that --seq-length or preprocess again with --pack "
+                             f"--seq-length {args.seq_length}")
+    return True
+
+
+def packed_seq_params(cu_seqlens: torch.Tensor):
+    """megatron-core's ``PackedSeqParams`` (layout thd) for one packed sequence's boundaries."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens = cu_seqlens.reshape(-1).to(torch.int32)
+    longest = int(cu_seqlens.diff().max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def _split_bounds(split: str, total: int) -> list[tuple[int, int]]:
@@ -117,8 +195,9 @@ def _split_bounds(split: str, total: int) -> list[tuple[int, int]]:
 
 
 def instruction_datasets(prefix: str, split: str, counts: list[int], seq_length: int, seed: int, pad: int,
-                         create_attention_mask: bool = False):
-    """(train, valid, test) InstructionDatasets over the records of ``prefix``, divided by ``split``."""
+                         create_attention_mask: bool = False, packed: bool = False):
+    """(train, valid, test) InstructionDatasets over the records of ``prefix``, divided by ``split``; ``packed``:
+    written with ``--pack`` (``check_packed_training``)."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     opened = {}
@@ -135,7 +214,7 @@ def instruction_datasets(prefix: str, split: str, counts: list[int], seq_length:
     for (start, end), samples, offset in zip(_split_bounds(split, total), counts, (0, 1, 2)):
         if end > start and samples:
             datasets.append(InstructionDataset(prefix, np.arange(start, end), samples, seq_length,
-                                               seed + 1000 * offset, pad, create_attention_mask))
+                                               seed + 1000 * offset, pad, create_attention_mask, packed))
         else:
             datasets.append(None)
     return tuple(datasets)

@@ -98,6 +98,10 @@ class Trainer:
             raise AquilaNpuError(f"--global-batch-size {args.global_batch_size} must be a multiple of "
                                  f"--micro-batch-size x data-parallel size ({args.micro_batch_size} x {self.dp})")
         self.num_microbatches = args.global_batch_size // (args.micro_batch_size * self.dp)
+        # packed instruction data: the loss is the mean over the global batch's response tokens (megatron-core's
+        # calculate_per_token_loss), as unpacked samples give it, whichever sequence each document landed in
+        self.packed = bool(args.is_instruction_dataset and not args.mock_data
+                           and data.check_packed_training(args.data_path[0], args))
         self.sequence_parallel = args.sequence_parallel and tp > 1
         if args.save:
             checkpointing.check_writable(args.save)
@@ -131,7 +135,7 @@ class Trainer:
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 params_dtype=self.dtype, pipeline_dtype=self.dtype, sequence_parallel=self.sequence_parallel,
-                virtual_pipeline_model_parallel_size=self.vp, **dropout, **p2p)
+                virtual_pipeline_model_parallel_size=self.vp, calculate_per_token_loss=self.packed or args.calculate_per_token_loss, **dropout, **p2p)
             if args.fp16 or args.bf16:
                 chunk = Float16Module(chunk.config, chunk)
             chunks.append(chunk)
@@ -182,7 +186,8 @@ class Trainer:
         labels = batch["labels"].to(device)
         loss_mask = batch["loss_mask"].to(device)
         position_ids = batch["position_ids"].to(device)
-        output = model(tokens, position_ids, None, labels=labels)
+        packed = data.packed_seq_params(batch["cu_seqlens"].to(device)) if "cu_seqlens" in batch else None
+        output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
         return output, partial(_masked_loss, loss_mask)
 
     def _iterators(self, dataset, consumed: int):
@@ -247,7 +252,7 @@ class Trainer:
                 consumed_valid = getattr(saved, "consumed_valid_samples", 0)
             _print_last(f"loaded {args.load} at iteration {iteration}"
                         f"{' (weights only: --finetune)' if args.finetune else ''}")
-        train_ds, valid_ds, _ = data.build_datasets(args, self.tokenizer)
+        train_ds, valid_ds, _ = data.build_datasets(args, self.tokenizer, self.packed)
         if train_ds is None:
             raise AquilaNpuError(f"--split {args.split}: the training split is empty")
         iterators = self._iterators(train_ds, consumed_train)

@@ -87,14 +87,17 @@ def upstream_data(tmp_path_factory, tokenizer_dir):
                   output_prefix=str(root / "alpaca"), progress=False, append_eod=True)
     text = preprocess(PreprocessOptions(**common)).outputs["text"]
     preprocess(PreprocessOptions(**common, handler="GeneralInstructionHandler"))
-    return {"text": text, "instruction": str(root / "alpaca")}
+    packed = dict(common, output_prefix=str(root / "packed"))
+    preprocess(PreprocessOptions(**packed, handler="GeneralInstructionHandler", seq_length=256, pack=True))
+    return {"text": text, "instruction": str(root / "alpaca"), "packed": str(root / "packed")}
 
 
-@pytest.mark.parametrize("data", ["text", "instruction"])
+@pytest.mark.parametrize("data", ["text", "instruction", "packed"])
 def test_upstream_route_and_driver_train_to_the_same_losses(tmp_path, tokenizer_dir, tiny_hf_dir, upstream_data,
                                                             data):
     """pretrain_gpt.py --plugin aquila2 and python -m aquila_npu.pretrain, same starting weights, data, seed and
-    schedule, TP=2: the same loss at every iteration (pretraining text, and --is-instruction-dataset)."""
+    schedule, TP=2: the same loss at every iteration (pretraining text, --is-instruction-dataset, and packed
+    instruction data: Megatron-LM's THD batches, whose TP receivers our patch gives max_seqlen)."""
     start = tmp_path / "start"
     run_python("-m", "aquila_npu.convert", "--load-dir", str(tiny_hf_dir), "--save-dir", str(start),
                "--ckpt-format", "torch_dist", "--no-progress", check=True)
@@ -103,13 +106,19 @@ def test_upstream_route_and_driver_train_to_the_same_losses(tmp_path, tokenizer_
               "--lr-warmup-fraction", "0.1", "--split", "100,0,0", "--seed", "1234", "--log-interval", "1",
               "--eval-interval", "100", "--eval-iters", "0", "--load", str(start), "--finetune",
               "--data-path", upstream_data[data]]
-    if data == "instruction":
+    upstream_only = []
+    if data in ("instruction", "packed"):
         shared.append("--is-instruction-dataset")
+    if data == "packed":  # one packed sequence a micro-batch; the loss over all response tokens of the batch
+        shared[shared.index("--micro-batch-size") + 1] = "1"
+        shared[shared.index("--seq-length") + 1] = "256"  # about two Alpaca samples a sequence
+        shared += ["--reset-position-ids", "--reset-attention-mask"]
+        upstream_only.append("--calculate-per-token-loss")
     upstream = run_python(
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
         str(Path(MEGATRON_LM_PATH) / "pretrain_gpt.py"), "--plugin", "aquila2", "--model", "aquila2-tiny",
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir), *shared,
-        "--no-load-optim", "--no-load-rng", cwd=MEGATRON_LM_PATH, timeout=900)
+        *upstream_only, "--no-load-optim", "--no-load-rng", cwd=MEGATRON_LM_PATH, timeout=900)
     driver = run_python(
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "aquila_npu.pretrain",
         "--plugin", "aquila2", "--model", "aquila2-tiny", "--tokenizer-name-or-path", str(tokenizer_dir), *shared,
