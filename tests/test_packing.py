@@ -4,7 +4,6 @@ packed training equals unpacked training, loss and gradients, at TP=1 and TP=2."
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from conftest import BUNDLED_DATA, run_python
 TOKENIZER = BUNDLED_DATA / "aquila2_tokenizer"
 ALPACA = BUNDLED_DATA / "alpaca" / "alpaca_300.parquet"
 CONVERSATIONS = BUNDLED_DATA / "conversations" / "alpaca_chat_200.jsonl"
-LOSS = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*\| lm loss: ([0-9.E+-]+) \|")
 
 
 def _preprocess(prefix, pack: bool, seq_length: int = 256, source=ALPACA, **options):
@@ -232,12 +230,11 @@ def test_a_token_cannot_see_another_document(megatron_world, tiny_spec, attentio
 
 # ------------------------------------------------------------------ training: packed == unpacked
 def _train(flags, nproc):
-    prefix = ["-m", "aquila_npu.pretrain"] if nproc == 1 else [
-        "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "aquila_npu.pretrain"]
-    result = run_python(*prefix, *flags, timeout=900)
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    return [float(m.group(3)) for m in LOSS.finditer(output)]
+    """(losses in iteration order, output) of a driver run (test_training's runner)."""
+    from test_training import train
+
+    losses, output = train(*flags, nproc=nproc)
+    return [losses[i] for i in sorted(losses)], output
 
 
 @pytest.fixture(scope="module")
@@ -275,10 +272,10 @@ def test_packed_training_equals_unpacked_loss_and_gradients(tmp_path, some_sampl
     packed, unpacked = some_samples["packed_samples"], str(some_samples["unpacked_samples"])
     losses = {
         "unpacked": _train([*common, "--data-path", some_samples["unpacked"], "--micro-batch-size", unpacked,
-                            "--global-batch-size", unpacked, "--save", str(tmp_path / "unpacked")], tp),
+                            "--global-batch-size", unpacked, "--save", str(tmp_path / "unpacked")], tp)[0],
         "packed": _train([*common, "--data-path", some_samples["packed"], "--micro-batch-size", "1",
                           "--global-batch-size", str(packed), "--reset-position-ids", "--reset-attention-mask",
-                          "--save", str(tmp_path / "packed")], tp)}
+                          "--save", str(tmp_path / "packed")], tp)[0]}
     assert len(losses["packed"]) == len(losses["unpacked"]) == 1
     assert losses["packed"][0] == pytest.approx(losses["unpacked"][0], rel=1e-5)
     initial = load_state(str(tiny_hf_dir))

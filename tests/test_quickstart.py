@@ -15,7 +15,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     out = result.stdout
     for stage in ("model", "tokenize", "transformers", "megatron-core TP=1", "fused kernels", "megatron-core TP=2",
                   "convert", "load converted TP=2", "preprocess", "pretrain", "finetune", "chat fine-tune",
-                  "convert trained",
+                  "LoRA fine-tune", "convert trained",
                   "generate", "chat", "evaluate"):
         assert f"[..] {stage}:" in out and f"[ok] {stage}:" in out  # announced when it starts, then its result
         assert out.index(f"[..] {stage}:") < out.index(f"[ok] {stage}:")

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "means (Megatron-LM's flag; always so for packed data)")
     g.add_argument("--eod-mask-loss", action="store_true")
 
+    g = p.add_argument_group("LoRA (aquila_npu.lora; MindSpeed-LLM's flags)")
+    g.add_argument("--lora-r", type=int, default=None, help="train low-rank adapters of this rank; the base is frozen")
+    g.add_argument("--lora-alpha", type=float, default=32.0, help="the adapters' scaling is alpha / r")
+    g.add_argument("--lora-dropout", type=float, default=0.0)
+    g.add_argument("--lora-target-modules", nargs="+", default=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
+                   help="megatron-core's names of the linears to adapt")
+
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)
     g.add_argument("--save-interval", type=int, default=None)

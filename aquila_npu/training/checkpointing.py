@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from aquila_npu.errors import AquilaNpuError, reported_os_errors, write_failure_message
+from aquila_npu.lora import is_adapter_key
 
 TRACKER = "latest_checkpointed_iteration.txt"
 PARTIAL = ".partial"
@@ -224,11 +225,22 @@ def load(root: str, model, optimizer, scheduler, with_optim: bool, with_rng: boo
     if with_optim and "opt_param_scheduler" not in common:
         raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
                              f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
+    # a base checkpoint (converted, or a full fine-tune's) under a model with new LoRA adapters: the base weights only
+    has_adapters = any(is_adapter_key(k) for k in (megatron_dist.load_tensors_metadata(folder) if is_dist else
+                                                   (k for key in _model_keys(model) for k in state.get(key, {}))))
     if is_dist:
-        state = megatron_dist.load(_sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True),
-                                   folder)
+        sharded = _sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True)
+        if not has_adapters:
+            for key in _model_keys(model):
+                sharded[key] = {k: v for k, v in sharded[key].items() if not is_adapter_key(k)}
+        state = megatron_dist.load(sharded, folder)
     for key, chunk in zip(_model_keys(model), _unwrapped(model)):
-        chunk.load_state_dict(state[key], strict=True)
+        if has_adapters:
+            chunk.load_state_dict(state[key], strict=True)
+            continue
+        missing, unexpected = chunk.load_state_dict(state[key], strict=False)
+        if unexpected or not all(is_adapter_key(k) for k in missing):
+            chunk.load_state_dict(state[key], strict=True)  # megatron-core's own error names the keys
     if with_optim:
         optimizer.load_state_dict(state["optimizer"])
         distrib = os.path.join(os.path.dirname(_rank_file(folder)), "distrib_optim.pt")

@@ -12,7 +12,7 @@ from functools import partial
 
 import torch
 
-from aquila_npu import device_options, distributed, plugin_manager
+from aquila_npu import device_options, distributed, lora, plugin_manager
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.kernels import seams as kernels
 from aquila_npu.specs import ModelSpec
@@ -102,6 +102,7 @@ class Trainer:
         # calculate_per_token_loss), as unpacked samples give it, whichever sequence each document landed in
         self.packed = bool(args.is_instruction_dataset and not args.mock_data
                            and data.check_packed_training(args.data_path[0], args))
+        self.lora = lora.options_from_args(args)
         self.sequence_parallel = args.sequence_parallel and tp > 1
         if args.save:
             checkpointing.check_writable(args.save)
@@ -135,7 +136,10 @@ class Trainer:
                 pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                 post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
                 params_dtype=self.dtype, pipeline_dtype=self.dtype, sequence_parallel=self.sequence_parallel,
-                virtual_pipeline_model_parallel_size=self.vp, calculate_per_token_loss=self.packed or args.calculate_per_token_loss, **dropout, **p2p)
+                virtual_pipeline_model_parallel_size=self.vp,
+                calculate_per_token_loss=self.packed or args.calculate_per_token_loss, **dropout, **p2p)
+            if self.lora is not None:  # before the wrappers: DDP and the optimizer see the adapters only
+                lora.apply_lora(chunk, self.lora, args.seed)
             if args.fp16 or args.bf16:
                 chunk = Float16Module(chunk.config, chunk)
             chunks.append(chunk)
@@ -267,6 +271,11 @@ class Trainer:
                     f"{self.num_microbatches} micro-batches of {args.micro_batch_size} x {args.seq_length} tokens, "
                     f"{_dtype_name(args)}, on {self.world.device}; fused kernels: "
                     f"{', '.join(sorted(self.world.kernels.fused)) or 'none'}")
+        if self.lora is not None:
+            counts = [sum(p.numel() for chunk in self.model for p in chunk.parameters() if p.requires_grad == trainable)
+                      for trainable in (True, False)]
+            _print_last(f"LoRA r={self.lora.rank} alpha={self.lora.alpha:g} on {' '.join(self.lora.targets)}: "
+                        f"{counts[0]:,} trainable parameters, {counts[1]:,} frozen (this rank)")
         while iteration < args.train_iters:
             total, grad_norm, skipped = self.train_step(iterators)
             iteration += 1
