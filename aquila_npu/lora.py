@@ -61,7 +61,7 @@ def options_from_args(args) -> LoraOptions | None:
     """The run's LoRA options, or None without ``--lora-r``."""
     if not getattr(args, "lora_r", None):
         return None
-    return LoraOptions(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules))
+    return LoraOptions(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules or TARGETS))
 
 
 def is_adapter_key(name: str) -> bool:
@@ -191,7 +191,3 @@ def apply_lora(model: torch.nn.Module, options: LoraOptions, seed: int) -> list[
         parameter.requires_grad_(is_adapter_key(name))
     return wrapped
 
-
-def merged_weight(layer: LoraLinear) -> torch.Tensor:
-    """This rank's slice of the wrapped layer's weight with the update folded in: ``W + scaling * B @ A``."""
-    return layer.base.weight + layer.scaling * (layer.lora_B.weight @ layer.lora_A.weight).to(layer.base.weight.dtype)

@@ -292,7 +292,7 @@ def preprocess(options: PreprocessOptions) -> PreprocessResult:
         def write(encoded: EncodedBatch, documents: int) -> None:
             if options.pack:
                 result.packed += len(encoded.outputs["input_ids"].lengths)
-                encoded, _ = pack_batch(encoded, options.seq_length)
+                encoded = pack_batch(encoded, options.seq_length)
             with reported_os_errors(writing):
                 for key, part in encoded.outputs.items():
                     writers[key].add(part.tokens, part.lengths)

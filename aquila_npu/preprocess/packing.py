@@ -42,12 +42,12 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     return sorted(bins, key=lambda members: members[0])
 
 
-def pack_batch(encoded: EncodedBatch, seq_length: int) -> tuple[EncodedBatch, int]:
-    """The batch's samples packed into sequences of at most ``seq_length + 1`` tokens; and how many sequences."""
+def pack_batch(encoded: EncodedBatch, seq_length: int) -> EncodedBatch:
+    """The batch's samples packed into sequences of at most ``seq_length + 1`` tokens."""
     outputs = encoded.outputs
     lengths = outputs["input_ids"].lengths
     if len(lengths) == 0:
-        return encoded, 0
+        return encoded
     bins = best_fit_decreasing(lengths, seq_length + 1)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     order = np.concatenate([np.arange(starts[i], starts[i] + lengths[i]) for members in bins for i in members])
@@ -57,4 +57,4 @@ def pack_batch(encoded: EncodedBatch, seq_length: int) -> tuple[EncodedBatch, in
     documents = np.repeat(numbers, np.concatenate([lengths[members] for members in bins]))
     result = {key: Encoded(outputs[key].tokens[order], packed_lengths) for key in ("input_ids", "labels")}
     result["attention_mask"] = Encoded(documents.astype(outputs["attention_mask"].tokens.dtype), packed_lengths)
-    return EncodedBatch(result, empty=encoded.empty, too_long=encoded.too_long), len(bins)
+    return EncodedBatch(result, empty=encoded.empty, too_long=encoded.too_long)

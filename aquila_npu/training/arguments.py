@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-r", type=int, default=None, help="train low-rank adapters of this rank; the base is frozen")
     g.add_argument("--lora-alpha", type=float, default=32.0, help="the adapters' scaling is alpha / r")
     g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-target-modules", nargs="+", default=["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"],
-                   help="megatron-core's names of the linears to adapt")
+    g.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="megatron-core's names of the linears to adapt (default: all of aquila_npu.lora.TARGETS, "
+                        "linear_qkv linear_proj linear_fc1 linear_fc2)")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)

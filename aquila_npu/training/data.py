@@ -88,9 +88,10 @@ class InstructionDataset(torch.utils.data.Dataset):
         self.documents = IndexedDataset(f"{prefix}_packed_attention_mask_document") if packed else None
         self.seq_length, self.pad = seq_length, pad
         self.create_attention_mask = create_attention_mask
-        # Megatron-LM's data loader may ask for GPTDataset's causal mask (True = masked out)
-        self.attention_mask = (torch.tril(torch.ones(1, seq_length, seq_length)) < 0.5) if create_attention_mask \
-            else None
+        # Megatron-LM's data loader may ask for GPTDataset's causal mask (True = masked out); a packed sample's is
+        # its own (block-diagonal)
+        self.attention_mask = (torch.tril(torch.ones(1, seq_length, seq_length)) < 0.5) \
+            if create_attention_mask and not packed else None
         epochs = max(1, math.ceil(num_samples / max(len(records), 1)))
         self.order = np.concatenate([np.random.RandomState(seed + epoch).permutation(records)
                                      for epoch in range(epochs)])[:num_samples]
