@@ -45,6 +45,7 @@ class ModelOptions:
     params_dtype: str | None = None  # fp32 | fp16 | bf16; default: the checkpoint's
     kernels: dict | None = None  # kernel flags {op: True/False/None} (aquila_npu.kernels); default: the device's
     device_options: dict | None = None  # the device runtime's options given, {flag: value} (aquila_npu.device_options)
+    lora_load: str | None = None  # a LoRA run's adapters, merged into the weights as they load
 
 
 @dataclass
@@ -80,11 +81,12 @@ def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
     if dist.get_world_size() != tp:
         raise AquilaNpuError(f"{purpose} runs one model over all processes: start {tp} process(es) for "
                              f"--tensor-model-parallel-size {tp}, not {dist.get_world_size()}")
-    loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype, source)
+    loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype, source, options.lora_load)
     if dist.get_rank() == 0:
         fused = ", ".join(sorted(world.kernels.fused)) or "none"
-        print(f"{spec.name}, {str(loaded.dtype).removeprefix('torch.')}, on {world.device} (TP={tp}); fused kernels: "
-              f"{fused}", file=sys.stderr, flush=True)
+        adapters = f", LoRA adapters of {options.lora_load} merged" if options.lora_load else ""
+        print(f"{spec.name}, {str(loaded.dtype).removeprefix('torch.')}, on {world.device} (TP={tp}){adapters}; fused "
+              f"kernels: {fused}", file=sys.stderr, flush=True)
     return OpenModel(loaded.model, spec, family, tokenizer, loaded.dtype, world)
 
 
@@ -104,6 +106,8 @@ def add_model_arguments(parser) -> None:
     g.add_argument("--model", default=None, help="a named model spec (default: from the checkpoint)")
     g.add_argument("--load", required=True, help="checkpoint folder (Megatron torch / torch_dist, or Hugging Face)")
     g.add_argument("--load-model-type", choices=["mg", "hf"], default="mg")
+    g.add_argument("--lora-load", default=None, help="a LoRA run's --save folder: its adapters merged into the "
+                                                     "--load base as it loads")
     g.add_argument("--tokenizer-name-or-path", required=True, help="the model's tokenizer folder")
     g.add_argument("--tokenizer-type", choices=["PretrainedFromHF"], default="PretrainedFromHF")
     g.add_argument("--tokenizer-not-use-fast", action="store_true", help="accepted for the seed's scripts; the fast "
@@ -127,7 +131,8 @@ def model_options_from_args(args) -> dict:
                 device=args.device, tensor_model_parallel_size=args.tensor_model_parallel_size,
                 params_dtype=args.params_dtype or ("fp16" if args.fp16 else "bf16" if args.bf16 else None),
                 kernels=kernels.request_from_args(args),
-                device_options=device_options.given(args, plugin_manager.get().device_options()))
+                device_options=device_options.given(args, plugin_manager.get().device_options()),
+                lora_load=args.lora_load)
 
 
 def resolve_spec(load: str, load_model_type: str, model_name: str | None, plugins, plugin_names=None):
@@ -147,11 +152,13 @@ def resolve_spec(load: str, load_model_type: str, model_name: str | None, plugin
     return source.spec, source
 
 
-def load_model(load: str, load_model_type: str, spec, params_dtype: str | None = None, source=None) -> LoadedModel:
+def load_model(load: str, load_model_type: str, spec, params_dtype: str | None = None, source=None,
+               lora_load: str | None = None) -> LoadedModel:
     """This rank's model, in eval mode, with the checkpoint's weights (call ``distributed.initialize`` first).
 
     ``params_dtype`` (fp32 / fp16 / bf16) defaults to the dtype the checkpoint is stored in; ``source``: the
-    Megatron checkpoint at ``load`` when the caller has opened it already.
+    Megatron checkpoint at ``load`` when the caller has opened it already; ``lora_load``: LoRA adapters whose update
+    is added to the weights as they are read (inference then costs what the base costs).
     """
     from megatron.core import parallel_state
 
@@ -184,7 +191,11 @@ def load_model(load: str, load_model_type: str, spec, params_dtype: str | None =
         stored = source.tensor("model.norm.weight").dtype
     dtype = DTYPES[params_dtype] if params_dtype else stored
     model = build_gpt_model(spec, parallel_output=False, params_dtype=dtype).eval()
-    if kind == "torch_dist":
+    if lora_load:  # merged by HF name: every rank reads the base whole (a torch_dist base included)
+        from aquila_npu.convert.lora_adapters import MergedSource, read_adapters
+
+        source = MergedSource(source, read_adapters(lora_load), f"--load {load}")
+    if kind == "torch_dist" and not lora_load:
         from aquila_npu.convert import megatron_dist
 
         loaded = megatron_dist.load({"model": model.sharded_state_dict()}, source.root)

@@ -57,11 +57,38 @@ class LoraOptions:
         return self.alpha / self.rank
 
 
-def options_from_args(args) -> LoraOptions | None:
-    """The run's LoRA options, or None without ``--lora-r``."""
-    if not getattr(args, "lora_r", None):
+DEFAULT_ALPHA = 32.0  # MindSpeed-LLM's
+
+
+def options_from_args(args, saved=None) -> LoraOptions | None:
+    """The run's LoRA options (None without ``--lora-r`` or ``--lora-load``). ``saved``: the arguments saved with
+    the ``--lora-load`` adapters, which fill the flags not given; a rank, scaling or target list given that differs
+    from the adapters' is an error (their shapes or their update would not be the ones trained)."""
+    given = {"rank": getattr(args, "lora_r", None), "alpha": getattr(args, "lora_alpha", None),
+             "dropout": getattr(args, "lora_dropout", None),
+             "targets": tuple(args.lora_target_modules) if getattr(args, "lora_target_modules", None) else None}
+    own = {}
+    if saved is not None and getattr(saved, "lora_r", None):
+        own = {"rank": saved.lora_r, "alpha": saved.lora_alpha, "dropout": saved.lora_dropout,
+               "targets": tuple(saved.lora_target_modules)}
+        for field, flag in (("rank", "--lora-r"), ("alpha", "--lora-alpha"), ("targets", "--lora-target-modules")):
+            if given[field] is not None and given[field] != own[field]:
+                mine = " ".join(own[field]) if field == "targets" else f"{own[field]:g}"
+                raise AquilaNpuError(f"{flag} {given[field] if field != 'targets' else ' '.join(given[field])}: the "
+                                     f"--lora-load adapters were trained with {flag} {mine}; drop the flag or match it")
+    if given["rank"] is None and not own:
         return None
-    return LoraOptions(args.lora_r, args.lora_alpha, args.lora_dropout, tuple(args.lora_target_modules or TARGETS))
+    def pick(field, default=None):  # the flag, else the adapters' own, else the default
+        return next(v for v in (given[field], own.get(field), default) if v is not None)
+
+    return LoraOptions(pick("rank"), float(pick("alpha", DEFAULT_ALPHA)), float(pick("dropout", 0.0)),
+                       pick("targets", TARGETS))
+
+
+def saved_fields(options: LoraOptions) -> dict:
+    """What a checkpoint records of the adapters (Megatron-style argument names)."""
+    return {"lora_r": options.rank, "lora_alpha": options.alpha, "lora_dropout": options.dropout,
+            "lora_target_modules": list(options.targets)}
 
 
 def is_adapter_key(name: str) -> bool:

@@ -411,21 +411,53 @@ def _chat_finetune(run: _Run) -> tuple[bool, str]:
 def _lora_finetune(run: _Run) -> tuple[bool, str]:
     """LoRA adapters (r=8, all four targets) fine-tuned from the pretrained checkpoint, its weights frozen, on the
     same four Alpaca records every step (a tiny random model's adapters move its loss too little to see over
-    changing batches)."""
+    changing batches); the adapter-only save exported merged into a Hugging Face model and, with peft installed, as
+    a PEFT adapter folder that peft applies to the base: the same logits."""
     import re
 
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from aquila_npu.convert import ConvertOptions, convert
+
     printed: list[str] = []
+    adapters = run.work / "lora"
     losses = _train(run.spec.name, run.tokenizer_dir, ["--data-path", str(run.work / "data" / "alpaca"),
                                                        "--is-instruction-dataset", "--seq-length", "128",
-                                                       "--train-iters", "10", "--load", run.pretrained, "--finetune",
+                                                       "--train-iters", "10", "--load", run.pretrained,
                                                        "--lora-r", "8", "--lora-alpha", "16", "--lr", "1e-2",
-                                                       "--split", "4,296,0"],
+                                                       "--split", "4,296,0", "--save", str(adapters)],
                     run.options.device, "LoRA fine-tune", printed)
     counts = re.search(r"LoRA r=8 .*?: ([0-9,]+) trainable parameters, ([0-9,]+) frozen", printed[0])
     falls, detail = _falls(losses)
     trainable = f"{counts.group(1)} trainable parameters, {counts.group(2)} frozen" if counts else "no LoRA line"
-    return falls and counts is not None, (f"r=8 on linear_qkv/proj/fc1/fc2 ({trainable}), 10 iterations on the same 4 "
-                                         f"records: {detail}")
+    size = sum(f.stat().st_size for f in adapters.rglob("*") if f.is_file())
+    exports = {}
+    for kind, base in (("hf", run.pretrained), ("base", run.pretrained), ("peft", None)):
+        if kind == "peft":
+            try:
+                import peft
+            except ImportError:
+                break
+            base = exports["base"]
+        exports[kind] = str(run.work / f"lora-{kind}")
+        convert(ConvertOptions(load_dir=base, save_dir=exports[kind], load_model_type="hf" if kind == "peft" else "mg",
+                               save_model_type="hf" if kind == "base" else kind, overwrite=True, progress=False,
+                               lora_load=None if kind == "base" else str(adapters)))
+    tokens = torch.arange(3, 35)[None]
+    with torch.no_grad():
+        merged = AutoModelForCausalLM.from_pretrained(exports["hf"], dtype=torch.float32)(tokens).logits
+        base = AutoModelForCausalLM.from_pretrained(exports["base"], dtype=torch.float32)
+        moved = (merged - base(tokens).logits).abs().max().item()
+        agree = True
+        export = f"merged HF export moves the base's logits by {moved:.2e}"
+        if "peft" in exports:
+            difference = (peft.PeftModel.from_pretrained(base, exports["peft"])(tokens).logits - merged).abs().max()
+            agree = difference.item() <= 1e-4
+            export += f"; PEFT export on the base = merged (max |diff| {difference.item():.1e})"
+    return falls and counts is not None and agree and moved > 0, (
+        f"r=8 on linear_qkv/proj/fc1/fc2 ({trainable}), 10 iterations on the same 4 records: {detail}; adapter "
+        f"checkpoint {size / 2**20:.1f} MiB; {export}")
 
 
 def _convert_trained(run: _Run) -> tuple[bool, str]:

@@ -68,8 +68,9 @@ def fc1_pieces(gate: torch.Tensor, up: torch.Tensor, tp_size: int = 1, tp_rank: 
 
 def unpack_qkv(packed: list[torch.Tensor], spec: ModelSpec) -> tuple[Pieces, Pieces, Pieces]:
     """The tensor-parallel ranks' ``linear_qkv`` weights -> HF ``q_proj``, ``k_proj``, ``v_proj`` as row blocks
-    (each group's rows are contiguous inside its rank's tensor; ranks hold whole groups in order)."""
-    d, hidden = spec.kv_channels, spec.hidden_size
+    (each group's rows are contiguous inside its rank's tensor; ranks hold whole groups in order). Any matrix laid
+    out by those rows splits the same way (a LoRA B factor: ``[rows, r]``)."""
+    d, hidden = spec.kv_channels, packed[0].shape[-1]
     heads_per_group = spec.num_attention_heads // spec.num_query_groups
     q, k, v = [], [], []
     for rank in packed:

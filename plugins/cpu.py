@@ -148,7 +148,10 @@ def aquila_npu_register_patches(registry, device):
     registry.register(
         "torch.nn.Module.cuda", lambda original: cpu_bridge.module_cuda, owner=DEVICE,
         reason="Megatron-LM's get_model() calls model.cuda(); without CUDA the model stays on the CPU")
+    # the optimizer module's own imported copy of the clipping function too: patched only in clip_grads, it is
+    # missed when megatron.core.optimizer was imported before the patches were applied
     for target in ("megatron.core.optimizer.clip_grads.clip_grad_by_total_norm_fp32",
+                   "megatron.core.optimizer.optimizer.clip_grad_by_total_norm_fp32",
                    "megatron.core.optimizer.optimizer.Float16OptimizerWithFloat16Params.__init__",
                    "megatron.core.optimizer.distrib_optimizer.DistributedOptimizer._build_model_and_main_param_groups"):
         registry.register(

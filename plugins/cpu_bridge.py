@@ -219,8 +219,16 @@ def cuda_type_names():
     """While active, ``tensor.type()`` names CPU tensors as CUDA ones (``torch.cuda.FloatTensor``).
 
     Megatron's optimizers dispatch on, and its gradient clipping asserts, these type strings. Only the functions
-    that do so run under this context (see the cpu plugin), so nothing else ever sees the CUDA names.
+    that do so run under this context (see the cpu plugin), so nothing else ever sees the CUDA names. Reentrant: a
+    patched function calling another (the optimizer's step calling the clipping) keeps the one renaming.
     """
+    if _TYPE_NAMES["depth"]:
+        _TYPE_NAMES["depth"] += 1
+        try:
+            yield
+        finally:
+            _TYPE_NAMES["depth"] -= 1
+        return
     original = torch.Tensor.type
 
     def type_(self, dtype=None, non_blocking=False, **kwargs):
@@ -230,10 +238,15 @@ def cuda_type_names():
         return original(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = type_
+    _TYPE_NAMES["depth"] = 1
     try:
         yield
     finally:
+        _TYPE_NAMES["depth"] = 0
         torch.Tensor.type = original
+
+
+_TYPE_NAMES = {"depth": 0}  # nesting of cuda_type_names (one process, one thread renaming at a time)
 
 
 def with_cuda_type_names(fn):

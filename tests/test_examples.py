@@ -165,3 +165,21 @@ def test_the_aquilachat2_script_preprocesses_conversations_then_fine_tunes(tmp_p
     assert args.data_path == [str(prefix)]
     assert (args.micro_batch_size, args.reset_position_ids, args.reset_attention_mask,
             args.calculate_per_token_loss) == (1, True, True, True)
+
+
+def test_the_lora_script_trains_adapters_on_the_driver_and_resumes_with_its_optimizer(tmp_path, monkeypatch):
+    from aquila_npu import lora, plugin_manager
+    from aquila_npu.training.arguments import parse
+    from aquila_npu.training.loop import resolve_spec
+
+    monkeypatch.setenv("LORA_LOAD_DIR", "adapters")
+    _, argv = _launched(tmp_path, "lora_aquila2_7b_ptd.sh", "driver")
+    args = parse(argv[argv.index("-m") + 2:])
+    assert lora.options_from_args(args) == lora.LoraOptions(16, 32.0, 0.05, lora.TARGETS)
+    assert (args.lora_load, args.load, args.is_instruction_dataset) == ("adapters", "load", True)
+    assert not (args.no_load_optim or args.no_load_rng or args.finetune)  # resuming restores the optimizer
+    plugins = plugin_manager.get()
+    assert resolve_spec(args, plugins, None) == plugins.find_model("aquila2-7b")[1]
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        _launched(tmp_path, "lora_aquila2_7b_ptd.sh", "megatron-lm")
+    assert refused.value.returncode == 2 and "driver route" in refused.value.stderr

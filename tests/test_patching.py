@@ -182,3 +182,30 @@ def test_cpu_patches_apply_to_megatron_and_revert_to_the_originals():
     after = (random._set_cuda_rng_state, parallel_state.torch, torch.Tensor.cuda,
              distrib_optimizer.DistributedOptimizer.__dict__["_build_model_and_main_param_groups"])
     assert all(a is b for a, b in zip(before, after))
+
+
+def test_gradient_clipping_reports_cuda_names_wherever_the_optimizer_imported_it():
+    """megatron-core's optimizer module holds its own imported copy of clip_grad_by_total_norm_fp32 (imported here
+    before the patches, as a test process may): both copies run with the CUDA type names it asserts, and the
+    renaming nests (the optimizer's patched methods call the patched clipping) without doubling the prefix."""
+    import torch
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import optimizer as optimizer_module
+
+    from aquila_npu import plugin_manager
+    from aquila_npu.plugins import cpu_bridge
+
+    registry = plugin_manager.get().patch_registry("cpu")
+    registry.apply()
+    try:
+        for module in (clip_grads, optimizer_module):
+            parameter = torch.nn.Parameter(torch.ones(4))
+            parameter.grad = torch.full((4,), 2.0)
+            module.clip_grad_by_total_norm_fp32([parameter], max_norm=1.0, total_norm=4.0)
+            assert torch.allclose(parameter.grad, torch.full((4,), 0.5), atol=1e-5), module.__name__
+        with cpu_bridge.cuda_type_names(), cpu_bridge.cuda_type_names():
+            assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+        assert torch.ones(1).type() == "torch.FloatTensor"
+    finally:
+        registry.revert()
+    assert optimizer_module.clip_grad_by_total_norm_fp32 is clip_grads.clip_grad_by_total_norm_fp32

@@ -36,6 +36,7 @@ class ConvertOptions:
     overwrite: bool = False
     progress: bool = True
     verify: bool = False  # compare source and output logits before the output is renamed into place
+    lora_load: str | None = None  # a LoRA run's adapters: merged into the output, or (save_model_type peft) alone
 
 
 @dataclass
@@ -80,8 +81,14 @@ def convert(options: ConvertOptions) -> ConvertResult:
     from aquila_npu import plugin_manager
 
     plugins = plugin_manager.get()
-    if options.save_model_type not in ("hf", "mg"):
-        raise AquilaNpuError(f"--save-model-type must be hf or mg, not {options.save_model_type!r}")
+    if options.save_model_type not in ("hf", "mg", "peft"):
+        raise AquilaNpuError(f"--save-model-type must be hf, mg or peft, not {options.save_model_type!r}")
+    if options.save_model_type == "peft" and not options.lora_load:
+        raise AquilaNpuError("--save-model-type peft writes LoRA adapters: add --lora-load (a LoRA run's --save "
+                             "folder)")
+    if options.lora_load and options.verify:
+        raise AquilaNpuError("--verify compares the output with --load-dir, which lacks the --lora-load adapters; "
+                             "drop --verify")
     if options.ckpt_format not in ("torch", "torch_dist"):
         raise AquilaNpuError(f"--ckpt-format must be torch or torch_dist, not {options.ckpt_format!r}")
     if options.params_dtype is not None and options.params_dtype not in DTYPES:
@@ -116,7 +123,8 @@ def _megatron_world_if_needed(options: ConvertOptions):
 
     from aquila_npu.convert.megatron_dist import is_dist_checkpoint
 
-    dist_in = options.load_model_type == "mg" and is_dist_checkpoint(options.load_dir)
+    dist_in = (options.load_model_type == "mg" and is_dist_checkpoint(options.load_dir)) or bool(
+        options.lora_load and is_dist_checkpoint(options.lora_load))
     dist_out = options.save_model_type == "mg" and options.ckpt_format == "torch_dist"
     if not (dist_in or dist_out):
         return contextlib.nullcontext()
@@ -132,6 +140,19 @@ def _convert(options: ConvertOptions, plugins, target: str) -> ConvertResult:
     from aquila_npu.weights import hf_names
 
     source, spec = _open_source(options, plugins)
+    if options.lora_load:
+        from aquila_npu.convert import lora_adapters
+
+        adapters = lora_adapters.read_adapters(options.lora_load)
+        if options.save_model_type == "peft":
+            adapters.check_base(spec, f"--load-dir {options.load_dir}")
+            start = time.perf_counter()
+            with reported_os_errors(f"--save-dir {options.save_dir}"), replaced_folder(target) as work:
+                lora_adapters.write_peft(adapters, work, os.path.abspath(options.load_dir)
+                                         if options.load_model_type == "hf" else None)
+            count = sum(a.numel() + b.numel() for a, b in adapters.factors.values())
+            return ConvertResult(target, len(adapters.factors), count * 4, time.perf_counter() - start)
+        source = lora_adapters.MergedSource(source, adapters, f"--load-dir {options.load_dir}")
     dtype = DTYPES.get(options.params_dtype) if options.params_dtype else None
     vp = 1
     if options.num_layers_per_virtual_pipeline_stage:

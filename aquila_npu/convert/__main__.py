@@ -5,6 +5,7 @@ Our flags::
     --load-dir D --save-dir D --load-model-type hf|mg --save-model-type hf|mg
     --target-tensor-parallel-size N --target-pipeline-parallel-size N [--num-layers-per-virtual-pipeline-stage N]
     [--params-dtype fp32|fp16|bf16] [--ckpt-format torch] [--model NAME] [--tokenizer-model PATH] [--verify]
+    [--lora-load ADAPTERS]  (merged into an hf / mg output; --save-model-type peft writes a PEFT adapter folder)
 
 The seed guide's (ModelLink) flag sets work unchanged::
 
@@ -20,7 +21,7 @@ import os
 import sys
 
 LOADERS = {"hf": "hf", "llama2_hf": "hf", "huggingface": "hf", "mg": "mg", "megatron": "mg"}
-SAVERS = {"hf": "hf", "save_huggingface_llama": "hf", "mg": "mg", "megatron": "mg"}
+SAVERS = {"hf": "hf", "save_huggingface_llama": "hf", "mg": "mg", "megatron": "mg", "peft": "peft"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="a named model spec (default: from config.json / saved args)")
     parser.add_argument("--tokenizer-model", default=None, help="tokenizer folder or tokenizer.json to copy next "
                                                                 "to a Hugging Face output")
+    parser.add_argument("--lora-load", default=None,
+                        help="a LoRA run's --save folder: its adapters merged into the output (hf, mg), or written "
+                             "alone as a PEFT adapter folder (--save-model-type peft)")
     parser.add_argument("--max-shard-size-gb", type=float, default=5.0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --save-dir")
     parser.add_argument("--no-progress", action="store_true")
@@ -66,7 +70,7 @@ def options_from_args(args: argparse.Namespace):
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
         params_dtype=args.params_dtype, ckpt_format=args.ckpt_format, model=args.model,
         tokenizer_model=args.tokenizer_model, max_shard_bytes=int(args.max_shard_size_gb * 2**30),
-        overwrite=args.overwrite, progress=not args.no_progress, verify=args.verify)
+        overwrite=args.overwrite, progress=not args.no_progress, verify=args.verify, lora_load=args.lora_load)
 
 
 def main(argv=None) -> int:

@@ -84,13 +84,19 @@ def _model_keys(model) -> list[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
 
-def _sharded_state(model, optimizer, scheduler, common: dict, with_optim: bool, with_rng: bool, loading: bool):
+def _in_part(key: str, part: str) -> bool:
+    """Whether a model key belongs to ``part``: "all", "adapters" (LoRA's) or "base" (everything else)."""
+    return part == "all" or is_adapter_key(key) == (part == "adapters")
+
+
+def _sharded_state(model, optimizer, scheduler, common: dict, with_optim: bool, with_rng: bool, loading: bool,
+                   part: str = "all"):
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     state = dict(common)
     for key, chunk in zip(_model_keys(model), _unwrapped(model)):
-        state[key] = chunk.sharded_state_dict()
+        state[key] = {k: v for k, v in chunk.sharded_state_dict().items() if _in_part(k, part)}
     if with_optim:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=loading)
         state["opt_param_scheduler"] = scheduler.state_dict()
@@ -133,10 +139,10 @@ def check_writable(root: str) -> None:
 
 
 def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt: str, with_optim: bool = True,
-         with_rng: bool = True, distributed_optimizer: bool = False) -> str:
+         with_rng: bool = True, distributed_optimizer: bool = False, adapters_only: bool = False) -> str:
     """Write a checkpoint of ``iteration`` on every rank; returns its folder once it is complete and latest. A
     failed write on any rank (a full disk) is one error on every rank, and leaves the previous checkpoint latest
-    and nothing of this one."""
+    and nothing of this one. ``adapters_only``: the model's LoRA adapters without the (frozen) base weights."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -144,6 +150,7 @@ def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt
 
     final = iteration_dir(root, iteration)
     work = final + PARTIAL
+    part = "adapters" if adapters_only else "all"
     where = f"--save {root}"
     if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
@@ -154,22 +161,23 @@ def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt
     failure, here = None, True  # what failed, and whether it failed on this rank
     try:
         if fmt == "torch_dist":
-            megatron_dist.save(_sharded_state(model, optimizer, scheduler, common, with_optim, with_rng, False),
-                               work, where)
+            megatron_dist.save(_sharded_state(model, optimizer, scheduler, common, with_optim, with_rng, False,
+                                              part), work, where)
         else:
             state = dict(common)
             for key, chunk in zip(_model_keys(model), _unwrapped(model)):
-                state[key] = chunk.state_dict()
+                state[key] = {k: v for k, v in chunk.state_dict().items() if _in_part(k, part)}
             if with_optim:
                 state["optimizer"] = optimizer.state_dict()
                 state["opt_param_scheduler"] = scheduler.state_dict()
             if with_rng:
                 state["rng_state"] = [rng_state()]
             path = _rank_file(work)
+            if parallel_state.get_data_parallel_rank() == 0:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
             if with_optim and distributed_optimizer:  # a collective: the shards gathered to data-parallel rank 0
                 optimizer.save_parameter_state(os.path.join(os.path.dirname(path), "distrib_optim.pt"))
             if parallel_state.get_data_parallel_rank() == 0:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
                 torch.save(state, path)
     except AquilaNpuError as exc:
         failure, here = str(exc), not isinstance(exc, megatron_dist.OtherRankFailed)
@@ -199,48 +207,77 @@ def save(root: str, iteration: int, model, optimizer, scheduler, saved_args, fmt
     return final
 
 
-def load(root: str, model, optimizer, scheduler, with_optim: bool, with_rng: bool):
-    """Load the latest checkpoint under ``root``, in whichever format it was saved, into the model (and optimizer,
-    scheduler, RNG when asked); returns (iteration, saved args)."""
+def _open(root: str, flag: str):
+    """(folder, iteration, whether torch_dist, the saved common state, the per-rank state or None) of the latest
+    checkpoint under ``root``."""
     from aquila_npu.convert import megatron_dist
 
     found = read_tracker(root)
     if found is None:
-        raise AquilaNpuError(f"--load {root}: no {TRACKER} there; give the --save folder of a training run or "
+        raise AquilaNpuError(f"{flag} {root}: no {TRACKER} there; give the --save folder of a training run or "
                              f"a converted checkpoint")
     folder, iteration = found
     if not os.path.isdir(folder):
-        raise AquilaNpuError(f"--load {root}: the tracker names {os.path.basename(folder)}, which is missing")
-    is_dist = os.path.isfile(os.path.join(folder, "metadata.json"))
+        raise AquilaNpuError(f"{flag} {root}: the tracker names {os.path.basename(folder)}, which is missing")
+    if os.path.isfile(os.path.join(folder, "metadata.json")):
+        return folder, iteration, True, megatron_dist.load_common(folder), None
+    return folder, iteration, False, None, None
+
+
+def saved_args(root: str, flag: str = "--load"):
+    """The arguments saved with the latest checkpoint under ``root`` (None when it saved none)."""
+    folder, _, is_dist, common, _ = _open(root, flag)
     if is_dist:
-        common = megatron_dist.load_common(folder)
-    else:
+        return common.get("args")
+    from aquila_npu.unpickling import load_weights_only
+
+    ranks = sorted(n for n in os.listdir(folder) if n.startswith("mp_rank_"))
+    if not ranks:
+        raise AquilaNpuError(f"{flag} {folder}: no mp_rank_XX folder; not a Megatron checkpoint")
+    return load_weights_only(os.path.join(folder, ranks[0], "model_optim_rng.pt"), mmap=True).get("args")
+
+
+def load(root: str, model, optimizer, scheduler, with_optim: bool, with_rng: bool, part: str = "all",
+         flag: str = "--load"):
+    """Load the latest checkpoint under ``root``, in whichever format it was saved, into the model (and optimizer,
+    scheduler, RNG when asked); returns (iteration, saved args).
+
+    ``part``: "all"; "base" (a model with LoRA adapters: every weight but the adapters, from a converted or fully
+    trained checkpoint); "adapters" (the adapters only, from an adapter checkpoint of a LoRA run)."""
+    from aquila_npu.convert import megatron_dist
+
+    folder, iteration, is_dist, common, state = _open(root, flag)
+    if not is_dist:
         from aquila_npu.unpickling import load_weights_only
 
         path = _rank_file(folder)
         if not os.path.isfile(path):
-            raise AquilaNpuError(f"--load {folder}: no {os.path.relpath(path, folder)}; the checkpoint was saved "
+            raise AquilaNpuError(f"{flag} {folder}: no {os.path.relpath(path, folder)}; the checkpoint was saved "
                                  f"with another tensor/pipeline split (convert it with python -m aquila_npu.convert)")
         common = state = load_weights_only(path, mmap=True)
+    stored = (megatron_dist.load_tensors_metadata(folder) if is_dist
+              else {k: v for key in _model_keys(model) for k, v in state.get(key, {}).items()})
+    _check_part(stored, part, flag, folder)
     if with_optim and "opt_param_scheduler" not in common:
-        raise AquilaNpuError(f"--load {folder}: the checkpoint holds no optimizer state (a converted "
+        raise AquilaNpuError(f"{flag} {folder}: the checkpoint holds no optimizer state (a converted "
                              f"checkpoint?); add --finetune, or --no-load-optim --no-load-rng")
-    # a base checkpoint (converted, or a full fine-tune's) under a model with new LoRA adapters: the base weights only
-    has_adapters = any(is_adapter_key(k) for k in (megatron_dist.load_tensors_metadata(folder) if is_dist else
-                                                   (k for key in _model_keys(model) for k in state.get(key, {}))))
     if is_dist:
-        sharded = _sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True)
-        if not has_adapters:
-            for key in _model_keys(model):
-                sharded[key] = {k: v for k, v in sharded[key].items() if not is_adapter_key(k)}
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        sharded = _sharded_state(model, optimizer, scheduler, {}, with_optim, with_rng, True, part)
+        requested = {item.key: tuple(item.global_shape) for key in _model_keys(model)
+                     for item in sharded[key].values() if isinstance(item, ShardedTensor)}
+        _check_shapes(requested, {k: tuple(v.global_shape) for k, v in stored.items()}, flag, folder)
+        _check_keys([k for k in requested if k not in stored], [], flag, folder)
         state = megatron_dist.load(sharded, folder)
     for key, chunk in zip(_model_keys(model), _unwrapped(model)):
-        if has_adapters:
-            chunk.load_state_dict(state[key], strict=True)
-            continue
-        missing, unexpected = chunk.load_state_dict(state[key], strict=False)
-        if unexpected or not all(is_adapter_key(k) for k in missing):
-            chunk.load_state_dict(state[key], strict=True)  # megatron-core's own error names the keys
+        own = {k: v for k, v in chunk.state_dict().items() if _in_part(k, part)}
+        given = {k: v for k, v in state[key].items() if _in_part(k, part)}
+        if not is_dist:
+            _check_shapes({k: tuple(v.shape) for k, v in own.items() if isinstance(v, torch.Tensor)},
+                          {k: tuple(v.shape) for k, v in given.items() if isinstance(v, torch.Tensor)}, flag, folder)
+        missing, unexpected = chunk.load_state_dict(given, strict=False)
+        _check_keys([k for k in missing if _in_part(k, part)], unexpected, flag, folder)
     if with_optim:
         optimizer.load_state_dict(state["optimizer"])
         distrib = os.path.join(os.path.dirname(_rank_file(folder)), "distrib_optim.pt")
@@ -251,3 +288,32 @@ def load(root: str, model, optimizer, scheduler, with_optim: bool, with_rng: boo
         set_rng_state(state["rng_state"][0])
     return iteration, common.get("args")
 
+
+def _check_part(stored, part: str, flag: str, folder: str) -> None:
+    """A base checkpoint where adapters are wanted, or the reverse: one line saying which flag takes which."""
+    keys = [k for k in stored if not k.endswith("_extra_state")]
+    adapters = sum(is_adapter_key(k) for k in keys)
+    if part == "adapters" and not adapters:
+        raise AquilaNpuError(f"{flag} {folder}: no LoRA adapters in this checkpoint; give a LoRA run's --save "
+                             f"folder as --lora-load (the base model goes to --load)")
+    if part != "adapters" and keys and adapters == len(keys):
+        raise AquilaNpuError(f"{flag} {folder}: this checkpoint holds LoRA adapters only; give it as --lora-load "
+                             f"(with --lora-r), and the base model it was trained on as --load")
+
+
+def _check_keys(missing: list, unexpected: list, flag: str, folder: str) -> None:
+    if missing:
+        raise AquilaNpuError(f"{flag} {folder}: {len(missing)} of this model's weights are not in the checkpoint "
+                             f"(first: {missing[0]}); it was saved for another model or other "
+                             f"--lora-target-modules")
+    if unexpected:
+        raise AquilaNpuError(f"{flag} {folder}: the checkpoint holds {len(unexpected)} weights this model lacks "
+                             f"(first: {unexpected[0]}); check --model and the LoRA flags")
+
+
+def _check_shapes(expected: dict, stored: dict, flag: str, folder: str) -> None:
+    for key, shape in expected.items():
+        if key in stored and stored[key] != shape:
+            raise AquilaNpuError(f"{flag} {folder}: {key} is {list(stored[key])} there but {list(shape)} in this "
+                                 f"model; the checkpoint belongs to another model or LoRA rank (check --model, "
+                                 f"--lora-r and the --load base)")

@@ -102,7 +102,14 @@ class Trainer:
         # calculate_per_token_loss), as unpacked samples give it, whichever sequence each document landed in
         self.packed = bool(args.is_instruction_dataset and not args.mock_data
                            and data.check_packed_training(args.data_path[0], args))
-        self.lora = lora.options_from_args(args)
+        if args.use_distributed_optimizer and args.optimizer != "adam":
+            raise AquilaNpuError(f"--use-distributed-optimizer: megatron-core's distributed optimizer takes "
+                                 f"--optimizer adam only, not {args.optimizer}")
+        self.lora = lora.options_from_args(args, checkpointing.saved_args(args.lora_load, "--lora-load")
+                                           if args.lora_load else None)
+        if args.lora_load and self.lora is None:
+            raise AquilaNpuError(f"--lora-load {args.lora_load}: the checkpoint records no LoRA adapters; give a LoRA "
+                                 f"run's --save folder")
         self.sequence_parallel = args.sequence_parallel and tp > 1
         if args.save:
             checkpointing.check_writable(args.save)
@@ -180,6 +187,8 @@ class Trainer:
                     "data_path", "split", "is_instruction_dataset", "sequence_parallel", "use_distributed_optimizer"):
             setattr(saved, key, getattr(self.args, key))
         saved.seq_length = self.args.seq_length
+        if self.lora is not None:
+            vars(saved).update(lora.saved_fields(self.lora))
         return saved
 
     # --- steps ----------------------------------------------------------------------------------------------
@@ -245,17 +254,24 @@ class Trainer:
     def train(self) -> list[tuple[int, float]]:
         args = self.args
         iteration, consumed_train, consumed_valid = 0, 0, 0
-        if args.load:
+        # with LoRA, --load is the frozen base (its weights only) and --lora-load the run that is resumed
+        resumed = args.lora_load if self.lora is not None else args.load
+        if self.lora is not None and args.load:
+            checkpointing.load(args.load, self.model, self.optimizer, self.scheduler, False, False, part="base")
+            _print_last(f"loaded the base model from {args.load}")
+        if resumed:
             with_optim = not (args.finetune or args.no_load_optim)
-            iteration, saved = checkpointing.load(args.load, self.model, self.optimizer, self.scheduler,
-                                                  with_optim, not (args.finetune or args.no_load_rng))
+            iteration, saved = checkpointing.load(
+                resumed, self.model, self.optimizer, self.scheduler, with_optim,
+                not (args.finetune or args.no_load_rng), part="adapters" if self.lora is not None else "all",
+                flag="--lora-load" if self.lora is not None else "--load")
             if args.finetune:
                 iteration = 0
             elif saved is not None:
                 consumed_train = getattr(saved, "consumed_train_samples", iteration * args.global_batch_size)
                 consumed_valid = getattr(saved, "consumed_valid_samples", 0)
-            _print_last(f"loaded {args.load} at iteration {iteration}"
-                        f"{' (weights only: --finetune)' if args.finetune else ''}")
+            _print_last(f"loaded {'the adapters of ' if self.lora is not None else ''}{resumed} at iteration "
+                        f"{iteration}{' (weights only: --finetune)' if args.finetune else ''}")
         train_ds, valid_ds, _ = data.build_datasets(args, self.tokenizer, self.packed)
         if train_ds is None:
             raise AquilaNpuError(f"--split {args.split}: the training split is empty")
@@ -308,6 +324,8 @@ class Trainer:
                         + f" number of skipped iterations: {interval['skipped']:3d} | number of nan iterations: "
                           f"{interval['nan']:3d} | peak memory (GB): {_peak_memory_gb():.2f} |")
                 _print_last(line)
+                if first:
+                    _print_last(f"optimizer state: {_optimizer_state_bytes(self.optimizer) / 2**20:.1f} MiB (this rank)")
                 if writer is not None and loss is not None:
                     writer.add_scalar("lm loss", loss, iteration)
                     writer.add_scalar("learning-rate", self.optimizer.param_groups[0]["lr"], iteration)
@@ -337,8 +355,10 @@ class Trainer:
         folder = checkpointing.save(self.args.save, iteration, self.model, self.optimizer, self.scheduler,
                                     self.saved_args(consumed_train, consumed_valid), self.args.ckpt_format,
                                     with_optim=not self.args.no_save_optim, with_rng=not self.args.no_save_rng,
-                                    distributed_optimizer=self.args.use_distributed_optimizer)
-        _print_last(f"saved checkpoint at iteration {iteration} to {folder} ({self.args.ckpt_format}, "
+                                    distributed_optimizer=self.args.use_distributed_optimizer,
+                                    adapters_only=self.lora is not None)
+        _print_last(f"saved {'adapter ' if self.lora is not None else ''}checkpoint at iteration {iteration} to "
+                    f"{folder} ({self.args.ckpt_format}, "
                     f"{time.perf_counter() - start:.1f} s)")
 
 
@@ -369,6 +389,21 @@ def _masked_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     loss = torch.sum(losses * mask)
     tokens = mask.sum().to(torch.int)
     return loss, tokens, {"lm loss": torch.stack([loss.detach(), tokens.float()])}
+
+
+def _optimizer_state_bytes(optimizer) -> int:
+    """Bytes of the optimizer's per-parameter state (Adam's moments; fp32 main copies of fp16/bf16 weights)."""
+    total = 0
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        torch_optimizer = inner.optimizer
+        for state in torch_optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values()
+                         if isinstance(v, torch.Tensor) and v.dim() > 0)
+        for group in getattr(inner, "fp32_from_float16_groups", None) or []:
+            total += sum(p.numel() * p.element_size() for p in group)
+        if getattr(inner, "shard_fp32_from_float16_groups", None):
+            total += sum(p.numel() * p.element_size() for g in inner.shard_fp32_from_float16_groups for p in g)
+    return total
 
 
 def _peak_memory_gb() -> float:
