@@ -91,6 +91,21 @@ def saved_fields(options: LoraOptions) -> dict:
             "lora_target_modules": list(options.targets)}
 
 
+def add_arguments(parser) -> None:
+    """The LoRA flags, for the driver and for ``pretrain_gpt.py --plugin`` alike."""
+    g = parser.add_argument_group("LoRA (aquila_npu.lora; MindSpeed-LLM's flags)")
+    g.add_argument("--lora-r", type=int, default=None, help="train low-rank adapters of this rank; the base is frozen")
+    g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' scaling is alpha / r (default 32)")
+    g.add_argument("--lora-dropout", type=float, default=None, help="default 0")
+    g.add_argument("--lora-target-modules", nargs="+", default=None,
+                   help="megatron-core's names of the linears to adapt (default: all of aquila_npu.lora.TARGETS, "
+                        "linear_qkv linear_proj linear_fc1 linear_fc2)")
+    g.add_argument("--lora-load", default=None,
+                   help="a LoRA run's --save folder: its adapters (and, unless --finetune / --no-load-optim, "
+                        "optimizer, scheduler and iteration) on top of the --load base; the LoRA flags not given "
+                        "are the adapters' own")
+
+
 def is_adapter_key(name: str) -> bool:
     return ADAPTER_KEY in name
 

@@ -167,7 +167,7 @@ def test_the_aquilachat2_script_preprocesses_conversations_then_fine_tunes(tmp_p
             args.calculate_per_token_loss) == (1, True, True, True)
 
 
-def test_the_lora_script_trains_adapters_on_the_driver_and_resumes_with_its_optimizer(tmp_path, monkeypatch):
+def test_the_lora_script_trains_adapters_on_both_routes_and_resumes_with_its_optimizer(tmp_path, monkeypatch):
     from aquila_npu import lora, plugin_manager
     from aquila_npu.training.arguments import parse
     from aquila_npu.training.loop import resolve_spec
@@ -180,6 +180,7 @@ def test_the_lora_script_trains_adapters_on_the_driver_and_resumes_with_its_opti
     assert not (args.no_load_optim or args.no_load_rng or args.finetune)  # resuming restores the optimizer
     plugins = plugin_manager.get()
     assert resolve_spec(args, plugins, None) == plugins.find_model("aquila2-7b")[1]
-    with pytest.raises(subprocess.CalledProcessError) as refused:
-        _launched(tmp_path, "lora_aquila2_7b_ptd.sh", "megatron-lm")
-    assert refused.value.returncode == 2 and "driver route" in refused.value.stderr
+    _, upstream = _launched(tmp_path, "lora_aquila2_7b_ptd.sh", "megatron-lm")
+    tail = upstream[upstream.index("pretrain_gpt.py") + 1:]
+    assert tail[:4] == ["--plugin", "aquila2", "--model", "aquila2-7b"]
+    assert tail[tail.index("--lora-r") + 1] == "16" and tail[tail.index("--lora-load") + 1] == "adapters"

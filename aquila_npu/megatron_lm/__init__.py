@@ -6,6 +6,8 @@ aquila-npu's plugins.
 * ``arguments``: ``--plugin`` / ``--model`` / ``--device`` / kernel and device flags expanded into Megatron-LM's;
 * ``layer_spec``: the ``--spec aquila_npu.megatron_lm.layer_spec layer_spec`` entry Megatron-LM's builder imports;
 * ``training``: the plugin ``megatron-lm`` (patches and arguments for ``pretrain_gpt.py``);
+* ``lora``: LoRA adapters on the model Megatron-LM builds, and its checkpointing kept to one part at a time (the
+  base from ``--load``, the adapters saved and resumed with ``--lora-load``);
 * ``inference``: the plugin ``megatron-lm-inference`` (the family's tokenizer conventions, the REST server's
   refusals and bind address, for ``tools/run_text_generation_server.py`` and the inference examples);
 * ``without_triton``: stand-ins for the Megatron modules that import Triton, on hosts that have none;

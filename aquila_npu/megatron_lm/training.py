@@ -36,6 +36,8 @@ def _checkout_has_helpers(script: str) -> bool:
 def aquila_npu_register_patches(registry, device):
     import sys
 
+    from aquila_npu.megatron_lm import lora as lora_route
+
     def device_norm(original):
         from aquila_npu import plugin_manager
 
@@ -47,9 +49,16 @@ def aquila_npu_register_patches(registry, device):
                "default (Apex/torch), not from the spec; use the device's norm, which supports sequence parallelism")
 
     registry.register(
-        "gpt_builders.GPTModel", _gpt_model_with_rope_interpolation, owner="megatron-lm",
+        "gpt_builders.GPTModel", _gpt_model_with_rope_interpolation_and_lora, owner="megatron-lm",
         reason="Megatron-LM's gpt_builder hands --rotary-seq-len-interpolation-factor to its legacy model only; "
-               "megatron-core's GPTModel gets it too (linear RoPE scaling: the 16K models)")
+               "megatron-core's GPTModel gets it too (linear RoPE scaling: the 16K models); with --lora-r (or "
+               "--lora-load) the model gets LoRA adapters before Megatron-LM wraps it, its base frozen")
+    for target in ("megatron.training.checkpointing.load_checkpoint", "megatron.training.training.load_checkpoint"):
+        registry.register(
+            target, lora_route.load_checkpoint_in_parts, owner="megatron-lm",
+            reason="a LoRA run's --load is the frozen base and --lora-load its adapters (MindSpeed-LLM's flags): two "
+                   "loads of Megatron-LM's own, each of one part of the model's state, strictly (the training loop "
+                   "and the generation scripts each call their own imported name)")
     registry.register(
         "megatron.training.arguments.core_transformer_config_from_args", _config_with_kernel_fields,
         owner="megatron-lm",
@@ -99,19 +108,25 @@ def aquila_npu_add_arguments(parser):
     group.add_argument("--is-instruction-dataset", action="store_true",
                        help="--data-path is the --output-prefix of a GeneralInstructionHandler preprocessing run: "
                             "train on its packed samples, loss on response tokens only")
+    from aquila_npu import lora
+
+    lora.add_arguments(parser)
 
 
-def _gpt_model_with_rope_interpolation(original):
+def _gpt_model_with_rope_interpolation_and_lora(original):
     import functools
 
     @functools.wraps(original)
     def GPTModel(*args, **kwargs):
         from megatron.training import get_args
 
-        factor = getattr(get_args(), "rotary_seq_len_interpolation_factor", None)
+        run = get_args()
+        factor = getattr(run, "rotary_seq_len_interpolation_factor", None)
         if factor is not None:
             kwargs.setdefault("seq_len_interpolation_factor", factor)
-        return original(*args, **kwargs)
+        from aquila_npu.megatron_lm import lora as lora_route
+
+        return lora_route.adapt(original(*args, **kwargs), run)
 
     return GPTModel
 

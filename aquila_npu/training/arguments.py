@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from aquila_npu import device_options, plugin_manager
+from aquila_npu import device_options, lora, plugin_manager
 from aquila_npu.errors import AquilaNpuError
 from aquila_npu.kernels import seams as kernels
 
@@ -115,17 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "means (Megatron-LM's flag; always so for packed data)")
     g.add_argument("--eod-mask-loss", action="store_true")
 
-    g = p.add_argument_group("LoRA (aquila_npu.lora; MindSpeed-LLM's flags)")
-    g.add_argument("--lora-r", type=int, default=None, help="train low-rank adapters of this rank; the base is frozen")
-    g.add_argument("--lora-alpha", type=float, default=None, help="the adapters' scaling is alpha / r (default 32)")
-    g.add_argument("--lora-dropout", type=float, default=None, help="default 0")
-    g.add_argument("--lora-target-modules", nargs="+", default=None,
-                   help="megatron-core's names of the linears to adapt (default: all of aquila_npu.lora.TARGETS, "
-                        "linear_qkv linear_proj linear_fc1 linear_fc2)")
-    g.add_argument("--lora-load", default=None,
-                   help="a LoRA run's --save folder: its adapters (and, unless --finetune / --no-load-optim, "
-                        "optimizer, scheduler and iteration) on top of the --load base; the LoRA flags not given "
-                        "are the adapters' own")
+    lora.add_arguments(p)
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)

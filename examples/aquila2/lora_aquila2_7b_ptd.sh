@@ -1,16 +1,11 @@
 #!/bin/bash
-# Aquila2-7B LoRA instruction fine-tuning on 8 NPUs (TP8/PP1). CKPT_LOAD_DIR: the converted base, which stays
+# Aquila2-7B LoRA instruction fine-tuning on 8 NPUs (TP8/PP1), on either route (ROUTE=megatron-lm for Megatron-LM). CKPT_LOAD_DIR: the converted base, which stays
 # frozen; CKPT_SAVE_DIR receives adapter-only checkpoints (a few MB); LORA_LOAD_DIR (optional) resumes a LoRA run's
 # adapters, optimizer and iteration. DATA_PATH as for finetune_aquila2_7b_ptd.sh. Export when done:
 #   python -m aquila_npu.convert --load-dir $CKPT_LOAD_DIR --lora-load $CKPT_SAVE_DIR --save-model-type hf|peft \
 #       --save-dir OUT   (hf: the adapters merged into a full model; peft: an adapter folder for peft)
 source "$(dirname "$0")/common.sh"
 
-if [ "$ROUTE" = "megatron-lm" ]; then
-    echo "$(basename "$0"): LoRA runs on the driver route for now (ROUTE=driver); pretrain_gpt.py --plugin aquila2" \
-         "does not take the --lora-* flags yet" >&2
-    exit 2
-fi
 LORA_ARGS=(--lora-r "${LORA_R:-16}" --lora-alpha "${LORA_ALPHA:-32}" --lora-dropout 0.05
            --lora-target-modules linear_qkv linear_proj linear_fc1 linear_fc2)
 if [ -n "${LORA_LOAD_DIR:-}" ]; then

@@ -173,3 +173,49 @@ def test_a_save_folder_pretrain_gpt_cannot_write_fails_before_training(tmp_path,
     assert result.stderr.strip().splitlines()[-1] == (f"aquila-npu: error: --save {locked / 'ckpt'}: read-only file "
                                                       f"system; choose a writable location")
     assert "iteration" not in result.stdout and os.listdir(locked) == []
+
+
+def test_lora_on_pretrain_gpt_trains_as_the_driver_and_resumes_its_adapter_checkpoints(tmp_path, tokenizer_dir,
+                                                                                      tiny_hf_dir, upstream_data):
+    """pretrain_gpt.py --plugin aquila2 --lora-r 8 at TP=2 from a converted base: the driver's losses at every
+    iteration; Megatron-LM's own checkpointing saves the adapters only; --lora-load (the LoRA flags read from the
+    checkpoint) resumes the run where it stopped."""
+    start = tmp_path / "start"
+    run_python("-m", "aquila_npu.convert", "--load-dir", str(tiny_hf_dir), "--save-dir", str(start),
+               "--ckpt-format", "torch_dist", "--no-progress", check=True)
+    shared = ["--tensor-model-parallel-size", "2", "--seq-length", "64", "--micro-batch-size", "2",
+              "--global-batch-size", "4", "--train-iters", "4", "--optimizer", "adam", "--lr", "1e-2",
+              "--lr-decay-style", "constant", "--split", "100,0,0", "--seed", "1234", "--log-interval", "1",
+              "--eval-interval", "100", "--eval-iters", "0", "--load", str(start), "--data-path",
+              upstream_data["instruction"], "--is-instruction-dataset"]
+    lora = ["--lora-r", "8", "--lora-alpha", "16"]
+    upstream = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                str(Path(MEGATRON_LM_PATH) / "pretrain_gpt.py"), "--plugin", "aquila2", "--model", "aquila2-tiny",
+                "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer_dir), *shared]
+    runs = {
+        "upstream": upstream + [*lora, "--save", str(tmp_path / "adapters"), "--save-interval", "2"],
+        "driver": ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "aquila_npu.pretrain",
+                   "--plugin", "aquila2", "--model", "aquila2-tiny", "--tokenizer-name-or-path", str(tokenizer_dir),
+                   *shared, *lora],
+        "stopped": upstream + [*lora, "--save", str(tmp_path / "resumed"), "--save-interval", "2",
+                               "--exit-interval", "2"],
+    }
+    runs["resumed"] = upstream + ["--lora-load", str(tmp_path / "resumed"), "--save", str(tmp_path / "resumed"),
+                                  "--save-interval", "2"]
+    losses = {}
+    for name, command in runs.items():
+        result = run_python(*command, cwd=MEGATRON_LM_PATH, timeout=900)
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"{name}:\n{output[-4000:]}"
+        losses[name] = {int(m.group(1)): float(m.group(3)) for m in LOSS.finditer(output)}
+    assert sorted(losses["upstream"]) == [1, 2, 3, 4] and losses["driver"] == losses["upstream"]
+    assert losses["stopped"] == {i: losses["upstream"][i] for i in (1, 2)}
+    # Megatron-LM's log line after a restart averages its first two iterations
+    assert losses["resumed"][3] == losses["upstream"][3]
+    assert losses["resumed"][4] == pytest.approx((losses["upstream"][3] + losses["upstream"][4]) / 2, rel=1e-6)
+    from aquila_npu import distributed
+    from aquila_npu.convert import megatron_dist
+
+    with distributed.megatron_world():
+        stored = megatron_dist.load_tensors_metadata(str(tmp_path / "adapters" / "iter_0000004"))
+    assert stored and all(".lora_" in key for key in stored), sorted(stored)[:5]

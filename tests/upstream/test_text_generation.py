@@ -47,6 +47,10 @@ def _converted(tmp_path_factory, hf_dir: Path, ckpt_format: str) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(tiny_hf_dir, tokenizer_dir) -> dict[str, list[int]]:
+    return _greedy(tiny_hf_dir, tokenizer_dir)
+
+
+def _greedy(tiny_hf_dir, tokenizer_dir) -> dict[str, list[int]]:
     """transformers' greedy generate per prompt: BOS + the prompt's ids, then NEW_TOKENS tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -211,3 +215,28 @@ def test_the_static_example_reads_linear_rope_scaling_past_the_unscaled_length(t
     theirs = log_probs[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
     ours = torch.tensor(row["logprobs"][:len(ids) - 1])
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_the_static_example_generates_with_lora_adapters(tmp_path, checkpoint, reference, tokenizer_dir):
+    """Adapters trained by our driver, given to gpt_static_inference.py as --lora-load (their rank and targets read
+    from the checkpoint; the base from --load): greedy tokens equal transformers' on the merged HF export."""
+    adapters, merged = tmp_path / "adapters", tmp_path / "merged"
+    run_python("-m", "aquila_npu.pretrain", "--model", "aquila2-tiny", "--tokenizer-name-or-path", str(tokenizer_dir),
+               "--mock-data", "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "2",
+               "--train-iters", "3", "--optimizer", "sgd", "--lr", "1", "--log-interval", "1", "--eval-iters", "0",
+               "--load", str(checkpoint), "--lora-r", "8", "--lora-alpha", "16", "--save", str(adapters),
+               "--ckpt-format", "torch", check=True, timeout=900)
+    run_python("-m", "aquila_npu.convert", "--load-dir", str(checkpoint), "--load-model-type", "mg", "--lora-load",
+               str(adapters), "--save-model-type", "hf", "--save-dir", str(merged), "--no-progress", check=True)
+    expected = _greedy(merged, tokenizer_dir)
+    assert expected != reference  # the adapters change what the model says
+    output = tmp_path / "results.json"
+    result = run_python(*_launch_args("examples/inference/gpt/gpt_static_inference.py", checkpoint, tokenizer_dir, 1),
+                        "--lora-load", str(adapters), "--prompts", *PROMPTS, "--num-tokens-to-generate",
+                        str(NEW_TOKENS), "--top_k", "1", "--output-path", str(output), cwd=MEGATRON_LM_PATH,
+                        timeout=900, env={"PYTHONPATH": MEGATRON_LM_PATH})
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    results = sorted(json.loads(output.read_text()).values(), key=lambda r: PROMPTS.index(r["input_prompt"]))
+    for prompt, row in zip(PROMPTS, results):
+        prompt_length = len(expected[prompt]) - NEW_TOKENS
+        assert row["generated_tokens"] == expected[prompt][prompt_length:], prompt
