@@ -338,3 +338,42 @@ def _one_line_error(result, pattern: str) -> None:
     lines = [line for line in result.stderr.splitlines() if ": error: " in line]
     assert result.returncode == 2 and len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.slow
+def test_generate_at_tp2_with_lora_load_equals_transformers_on_the_merged_export(trained, lora_run, tmp_path):
+    """``python -m aquila_npu.generate --lora-load`` over two processes (a torch_dist base, read whole on each rank,
+    and per-rank adapters): transformers' greedy tokens on the merged HF export, which differ from the base's."""
+    import json
+
+    import transformers
+
+    from aquila_npu.plugins.aquila2 import FAMILY
+
+    _, root = lora_run
+    adapters = str(trained["tp1"][1])
+    run_python("-m", "aquila_npu.convert", "--load-dir", str(root / "start"), "--load-model-type", "mg",
+               "--lora-load", adapters, "--save-model-type", "hf", "--save-dir", str(tmp_path / "merged"),
+               "--no-progress", check=True)
+    prompts, new_tokens = ["Hello", "北京是中国的首都，也是"], 8
+    output = tmp_path / "generated.jsonl"
+    run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "aquila_npu.generate",
+               "--load", str(root / "start"), "--lora-load", adapters, "--tokenizer-name-or-path", str(TOKENIZER),
+               "--tensor-model-parallel-size", "2", *[a for p in prompts for a in ("--prompt", p)], "--greedy",
+               "--max-new-tokens", str(new_tokens), "--no-stream", "--output", str(output), check=True, timeout=900)
+    ours = [json.loads(line)["tokens"] for line in output.read_text(encoding="utf-8").splitlines()]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(TOKENIZER)
+    expected, base = [], []
+    for folder, into in ((tmp_path / "merged", expected), (root / "hf", base)):
+        if folder == root / "hf":
+            run_python("-m", "aquila_npu.convert", "--load-dir", str(root / "start"), "--load-model-type", "mg",
+                       "--save-model-type", "hf", "--save-dir", str(folder), "--no-progress", check=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        for prompt in prompts:
+            ids = [FAMILY.tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False).input_ids
+            with torch.no_grad():
+                generated = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False,
+                                           eos_token_id=FAMILY.tokenizer.eos_token_id, pad_token_id=0)
+            into.append(generated[0, len(ids):].tolist())
+    assert ours == [e[:len(o)] for e, o in zip(expected, ours)] and all(ours)
+    assert expected != base  # the adapters change what the model says

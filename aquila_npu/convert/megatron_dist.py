@@ -179,14 +179,18 @@ class MegatronDistCheckpoint:
     def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         """Whole (global) tensors. The distributed loader reads a stored tensor only as a whole in one process,
         so the decoder's stacked tensors are read together once (memory: the model, not a layer)."""
+        import torch.distributed as dist
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+        # every rank of a larger world reads the whole tensor too: one main replica, the others copies of it
+        replica = dist.get_rank() if dist.is_initialized() else 0
         request = {}
         for key in keys:
             if key not in self.metadata:
                 raise AquilaNpuError(f"{self.path}: tensor {key} missing; not a megatron-core GPT checkpoint")
             meta = self.metadata[key]
-            request[key] = ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype))
+            request[key] = ShardedTensor.from_rank_offsets(key, torch.empty(meta.global_shape, dtype=meta.dtype),
+                                                           replica_id=replica)
         return load(request, self.root)
 
     def tensor(self, name: str) -> torch.Tensor:
