@@ -6,6 +6,7 @@ Subcommands:
   pretrain    pretrain / fine-tune on megatron-core (``torchrun ... -m aquila_npu.pretrain``)
   generate    text generation and chat on megatron-core's inference engine (``python -m aquila_npu.generate``)
   evaluate    BoolQ / MMLU / C-Eval accuracy, as lm-evaluation-harness computes it (``python -m aquila_npu.evaluate``)
+  lm-eval     lm-evaluation-harness's command line with the ``aquila-npu`` model (``python -m aquila_npu.lm_eval``)
   plugins     installed plugins, their hooks, model specs and devices (``--model NAME``: one spec in detail;
               ``--patches``: the patches a device registers)
   quickstart  the seed workflow end to end on a tiny model, on whatever device this machine has
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("pretrain", help="pretrain or fine-tune on megatron-core (see pretrain --help)")
     sub.add_parser("generate", help="generate text or chat from a checkpoint (see generate --help)")
     sub.add_parser("evaluate", help="multiple-choice accuracy of a checkpoint (see evaluate --help)")
+    sub.add_parser("lm-eval", help="lm-evaluation-harness with the aquila-npu model (lm-eval's own arguments)")
     p = sub.add_parser("plugins", help="list plugins, model specs, devices and patches")
     p.add_argument("--plugin", action="append", default=[], help="only this plugin (repeatable)")
     p.add_argument("--model", help="show one model spec and its Megatron-LM flags")
@@ -141,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "records of the sample data)")
     q.add_argument("--stop-after", default=None, metavar="STAGE",
                    help="run the stages up to this one only (model, tokenize, transformers, tp1, fused, tp2, convert, "
-                        "load-tp2, preprocess, pretrain, finetune, convert-trained, generate, chat, evaluate)")
+                        "load-tp2, preprocess, pretrain, finetune, chat-finetune, lora-finetune, convert-trained, "
+                        "generate, chat, evaluate, lm-eval)")
     q.set_defaults(func=cmd_quickstart)
     d = sub.add_parser("doctor", help="versions, devices, kernels, and what the NPU path lacks here")
     d.add_argument("--check", action="store_true",
@@ -157,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 # verbs with a command line of their own: `aquila-npu VERB ...` is `python -m aquila_npu.VERB ...`
 VERBS = {"convert": "aquila_npu.convert.__main__", "preprocess": "aquila_npu.preprocess.__main__",
          "pretrain": "aquila_npu.training.loop", "generate": "aquila_npu.generate.__main__",
-         "evaluate": "aquila_npu.evaluate.__main__"}
+         "evaluate": "aquila_npu.evaluate.__main__", "lm-eval": "aquila_npu.lm_eval.__main__"}
 
 
 def main(argv=None) -> int:

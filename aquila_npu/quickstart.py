@@ -55,14 +55,15 @@ def _python(processes: int = 1) -> list[str]:
     return [sys.executable]
 
 
-def _run_step(command: list[str], what: str, threads: int, progress: str | None = None) -> str:
+def _run_step(command: list[str], what: str, threads: int, progress: str | None = None,
+              env: dict | None = None) -> str:
     """A stage's subprocess; its output, or an error with the last lines of it. ``progress``: a regular expression
     whose groups (done, total) the step prints as it goes; each match moves a progress bar (with its rate)."""
     import codecs
     import re
 
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+                               env={**os.environ, "OMP_NUM_THREADS": str(threads), **(env or {})})
     pattern, bar = (re.compile(progress) if progress else None), None
     decoder, pending, output = codecs.getincrementaldecoder("utf-8")("replace"), "", []
     try:
@@ -483,6 +484,57 @@ def _evaluate(run: _Run) -> tuple[bool, str]:
     return _boolq_stage(run.work, run.mg_dir, run.hf_dir, run.tokenizer_dir, run.tp, run.spec, run.options.device)
 
 
+LM_EVAL_EXAMPLES = 20
+LM_EVAL_BOOLQ_TASK = """task: boolq_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    validation: {data}
+output_type: multiple_choice
+validation_split: validation
+doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
+doc_to_target: "{{{{answer | int}}}}"
+doc_to_choice: ["no", "yes"]
+metric_list:
+  - metric: acc
+"""
+
+
+def _lm_eval(run: _Run) -> tuple[bool, str]:
+    """lm-evaluation-harness (its CLI, a local task YAML, offline) with the ``aquila-npu`` model on the converted
+    checkpoint at the run's TP: the same log-likelihoods as the evaluate stage's, which were checked against
+    transformers."""
+    import glob
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        return True, "skipped: lm-evaluation-harness is not installed (pip install 'aquila-npu[lm-eval]')"
+    folder = run.work / "lm_eval_tasks"
+    folder.mkdir(exist_ok=True)
+    with open(_sample("boolq", "dev_300.jsonl"), encoding="utf-8") as f:
+        lines = [line for line, _ in zip(f, range(LM_EVAL_EXAMPLES))]
+    (folder / "boolq.jsonl").write_text("".join(lines), encoding="utf-8")
+    (folder / "boolq_local.yaml").write_text(LM_EVAL_BOOLQ_TASK.format(data=folder / "boolq.jsonl"),
+                                             encoding="utf-8")
+    out = run.work / "lm_eval_out"
+    model_args = f"load={run.mg_dir},tokenizer={run.tokenizer_dir},tensor_model_parallel_size={run.tp}"
+    if run.options.device:
+        model_args += f",device={run.options.device}"
+    _run_step(_python(run.tp) + ["-m", "aquila_npu.lm_eval", "--model", "aquila-npu", "--model_args", model_args,
+                                 "--tasks", "boolq_local", "--include_path", str(folder), "--output_path", str(out),
+                                 "--log_samples"], "lm-eval", threads=1,
+              env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    [samples] = glob.glob(str(out / "**" / "samples_boolq_local_*.jsonl"), recursive=True)
+    with open(samples, encoding="utf-8") as f:
+        theirs = sorted((json.loads(line) for line in f), key=lambda s: s["doc_id"])
+    ours = json.loads((run.work / "boolq.json").read_text(encoding="utf-8"))["examples"][:LM_EVAL_EXAMPLES]
+    diff = max(abs(float(s["resps"][c][0][0]) - e["scores"][name]) for s, e in zip(theirs, ours)
+               for c, name in enumerate(("no", "yes")))
+    ok = len(theirs) == LM_EVAL_EXAMPLES and diff <= 1e-5
+    return ok, (f"lm_eval's CLI, model aquila-npu at TP={run.tp}, a local BoolQ task YAML, offline: {len(theirs)} "
+                f"questions, max |log-likelihood diff| vs the evaluate stage {diff:.1e}")
+
+
 # (key for --stop-after, the name the report shows, what it does, the stage; "tp2" stages: not with --skip-tp2)
 STAGES = (
     ("model", "model", "a random checkpoint of the tiny model, Hugging Face layout", _model),
@@ -505,6 +557,7 @@ STAGES = (
     ("generate", "generate", "greedy generation on the converted checkpoint vs transformers", _generate),
     ("chat", "chat", "a conversation turn of the fine-tuned model", _chat),
     ("evaluate", "evaluate", "BoolQ on the converted checkpoint vs transformers", _evaluate),
+    ("lm-eval", "lm-eval", "lm-evaluation-harness with the aquila-npu model on the same checkpoint", _lm_eval),
 )
 TWO_PROCESS_STAGES = ("tp2", "load-tp2")
 STAGE_KEYS = tuple(key for key, *_ in STAGES)

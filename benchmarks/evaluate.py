@@ -1,9 +1,11 @@
-"""Evaluation throughput: ``aquila_npu.evaluate`` (megatron-core) against lm-evaluation-harness's HF backend, side
-by side in one process: same weights, BoolQ examples, dtype and threads; the accuracy must agree.
+"""Evaluation throughput: ``aquila_npu.evaluate`` and lm-evaluation-harness with our model ``aquila-npu`` (both on
+megatron-core) against lm-evaluation-harness's ``hf`` model, side by side in one process: same weights, BoolQ
+examples, dtype and threads; the accuracy must agree.
 
 Each side's model is loaded first and not timed; timed is the whole evaluation of the examples (reading them,
 building the prompts, tokenising, scoring, the accuracy), the median of ``--repeat`` runs taken in turns.
-lm-evaluation-harness runs at its default batch size (1) and at ours. Target (issue 7): ours / lm-eval >= 2.0.
+lm-evaluation-harness's ``hf`` model runs at its default batch size (1) and at ours. Targets: ours / lm-eval's ``hf``
+>= 2.0, for ``aquila_npu.evaluate`` (issue 7) and for the ``aquila-npu`` lm-eval model (issue 19).
 
     python benchmarks/evaluate.py [--models aquila2-tiny,small] [--limit 200] [--batch-size 8] [--repeat 3]
 """
@@ -46,6 +48,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sdpa", action="store_true", help="our lm-eval model with PyTorch's SDPA attention "
+                                                            "(use_flash_attn=True), as transformers' default")
     args = parser.parse_args()
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -57,6 +61,9 @@ def main() -> None:
     from aquila_npu import parity, plugin_manager
     from aquila_npu.evaluate import EvaluateOptions, Evaluator, evaluate
     from aquila_npu.inference import ModelOptions
+    from aquila_npu.lm_eval.model import AquilaNpuLM
+
+    kernel_args = {"use_flash_attn": True} if args.sdpa else {}  # HF's models use PyTorch's SDPA by default
 
     tokenizer = str(sample("aquila2_tokenizer"))
     work = Path(tempfile.mkdtemp(prefix="evaluate-bench-"))
@@ -74,6 +81,11 @@ def main() -> None:
         options = EvaluateOptions(load=folder, tokenizer_name_or_path=tokenizer, task="boolq",
                                   task_data_path=str(data), micro_batch_size=args.batch_size, progress=False)
         runs = {"ours": lambda options=options, evaluator=evaluator: evaluate(options, evaluator)["accuracy"]}
+        ours_lm = AquilaNpuLM(load=folder, load_model_type="hf", tokenizer=tokenizer,
+                              micro_batch_size=args.batch_size, **kernel_args)
+        runs["aquila-npu"] = (lambda model=ours_lm: lm_eval.simple_evaluate(
+            model=model, tasks=["boolq_local"], task_manager=tasks, verbosity="ERROR")[
+                "results"]["boolq_local"]["acc,none"])
         for batch in sorted({1, args.batch_size}):
             model = HFLM(pretrained=folder, tokenizer=tokenizer, dtype="float32", device="cpu", batch_size=batch)
             runs[f"lm-eval batch {batch}"] = (lambda model=model: lm_eval.simple_evaluate(
@@ -90,16 +102,22 @@ def main() -> None:
                 seconds[key].append(time.perf_counter() - started)
         rate = {key: args.limit / statistics.median(values) for key, values in seconds.items()}
         for key in runs:
-            rows.append((spec.name, key, rate[key], rate["ours"] / rate[key], accuracy[key]))
+            rows.append((spec.name, key, rate[key], rate["ours"] / rate[key], rate["aquila-npu"] / rate[key],
+                         accuracy[key]))
             print(f"{spec.name} {key}: {rate[key]:.2f} examples/s, accuracy {accuracy[key]:.4f}", flush=True)
-        del evaluator
+        del evaluator, ours_lm
     print(f"\ncpu, {torch.get_num_threads()} threads, fp32, BoolQ dev first {args.limit}, 0-shot, "
           f"median of {args.repeat}\n")
-    print("| model | run | examples/s | ours / this | accuracy |")
-    print("|---|---|---|---|---|")
-    for model, key, value, ratio, acc in rows:
-        label = f"**aquila_npu.evaluate** (batch {args.batch_size})" if key == "ours" else key
-        print(f"| {model} | {label} | {value:.2f} | {'' if key == 'ours' else f'**{ratio:.2f}**'} | {acc:.4f} |")
+    print("| model | run | examples/s | aquila_npu.evaluate / this | lm-eval `aquila-npu` / this | accuracy |")
+    print("|---|---|---|---|---|---|")
+    labels = {"ours": f"**aquila_npu.evaluate** (batch {args.batch_size})",
+              "aquila-npu": f"**lm-eval, model `aquila-npu`** (micro-batch {args.batch_size}"
+                            + (", SDPA)" if args.sdpa else ")")}
+    for model, key, value, ratio, lm_ratio, acc in rows:
+        theirs = key.startswith("lm-eval")
+        label = labels.get(key, key.replace("lm-eval", "lm-eval, model `hf`"))
+        print(f"| {model} | {label} | {value:.2f} | {f'**{ratio:.2f}**' if theirs else ''} | "
+              f"{f'**{lm_ratio:.2f}**' if theirs else ''} | {acc:.4f} |")
 
 
 if __name__ == "__main__":

@@ -172,6 +172,10 @@ def aquila_npu_register_patches(registry, device):
                "server's request loop, the static inference example's memory report); the script calling "
                "initialize_megatron sees the CPU-bridged torch, as Megatron's modules do")
     registry.register(
+        "lm_eval.models.megatron_lm.torch", lambda original: cpu_bridge.torch_for_megatron(), owner=DEVICE,
+        reason="lm-evaluation-harness's megatron_lm model puts its inputs on cuda:{torch.cuda.current_device()}; "
+               "it sees the CPU-bridged torch, as Megatron's modules do")
+    registry.register(
         "megatron.core.inference.engines.static_engine.StaticInferenceEngine.__init__", _legacy_static_engine,
         owner=DEVICE,
         reason="the engine first builds megatron-core's dynamic engine (paged KV cache in a 40 GB CUDA buffer, "

@@ -16,7 +16,7 @@ def test_quickstart_runs_every_stage(tmp_path):
     for stage in ("model", "tokenize", "transformers", "megatron-core TP=1", "fused kernels", "megatron-core TP=2",
                   "convert", "load converted TP=2", "preprocess", "pretrain", "finetune", "chat fine-tune",
                   "LoRA fine-tune", "convert trained",
-                  "generate", "chat", "evaluate"):
+                  "generate", "chat", "evaluate", "lm-eval"):
         assert f"[..] {stage}:" in out and f"[ok] {stage}:" in out  # announced when it starts, then its result
         assert out.index(f"[..] {stage}:") < out.index(f"[ok] {stage}:")
     assert out.strip().endswith("quickstart passed")

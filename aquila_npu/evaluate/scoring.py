@@ -48,16 +48,40 @@ def loglikelihood_rows(example_index: int, context: str, continuations, tokenize
     pairs = [encode_pair(tokenize, context, c) for c in continuations]
     contexts = {tuple(ctx) for ctx, _ in pairs}
     if len(contexts) == 1 and all(len(cont) == 1 for _, cont in pairs):
-        tokens = pairs[0][0][-max_length:]
-        last = len(tokens) - 1
-        return [Row(example_index, tokens, list(range(len(pairs))), [[last]] * len(pairs),
-                    [cont for _, cont in pairs])]
-    rows = []
-    for choice, (ctx, cont) in enumerate(pairs):
-        whole = (ctx + cont)[-(max_length + 1):]
-        tokens = whole[:-1]
-        first = len(tokens) - len(cont)
-        rows.append(Row(example_index, tokens, [choice], [list(range(first, len(tokens)))], [cont]))
+        return [one_pass_row(example_index, pairs[0][0], list(range(len(pairs))), [cont for _, cont in pairs],
+                             max_length)]
+    return [continuation_row(example_index, choice, ctx, cont, max_length)
+            for choice, (ctx, cont) in enumerate(pairs)]
+
+
+def one_pass_row(example_index: int, context_ids: list[int], choices: list[int], targets: list[list[int]],
+                 max_length: int) -> Row:
+    """One-token continuations of the same context: one pass of the context scores them all."""
+    tokens = context_ids[-max_length:]
+    last = len(tokens) - 1
+    return Row(example_index, tokens, choices, [[last]] * len(choices), targets)
+
+
+def continuation_row(example_index: int, choice: int, context_ids: list[int], continuation_ids: list[int],
+                     max_length: int) -> Row:
+    """The model reads ``(context + continuation)[-(max_length + 1):][:-1]``, as lm-evaluation-harness's."""
+    whole = (context_ids + continuation_ids)[-(max_length + 1):]
+    tokens = whole[:-1]
+    first = len(tokens) - len(continuation_ids)
+    return Row(example_index, tokens, [choice], [list(range(first, len(tokens)))], [continuation_ids])
+
+
+def token_pair_rows(pairs, max_length: int) -> list[Row]:
+    """Rows for lm-evaluation-harness's ``(context ids, continuation ids)`` requests, request ``i`` read as
+    ``(0, i)``: requests whose continuation is one token after the same context share one row."""
+    rows, one_token = [], {}
+    for index, (context_ids, continuation_ids) in enumerate(pairs):
+        if len(continuation_ids) == 1 and context_ids:
+            one_token.setdefault(tuple(context_ids), []).append(index)
+        else:
+            rows.append(continuation_row(0, index, list(context_ids), list(continuation_ids), max_length))
+    for context_ids, indices in one_token.items():
+        rows.append(one_pass_row(0, list(context_ids), indices, [list(pairs[i][1]) for i in indices], max_length))
     return rows
 
 
@@ -94,9 +118,11 @@ def log_probs_at(model, tokens: torch.Tensor, positions: torch.Tensor, vocab_siz
     return logits[..., :vocab_size].float().log_softmax(dim=-1)
 
 
-def score_rows(model, rows: list[Row], vocab_size: int, pad_id: int, micro_batch_size: int, on_batch=None):
+def score_rows(model, rows: list[Row], vocab_size: int, pad_id: int, micro_batch_size: int, on_batch=None,
+               greedy: dict | None = None):
     """``{(example, choice): [log-probability of each target token]}`` for every row, in batches of rows of
-    similar length (longest first); ``on_batch(rows)`` after each batch."""
+    similar length (longest first); ``on_batch(rows)`` after each batch. ``greedy``, when given, is filled with
+    ``{(example, choice): whether every target token is the most likely one}``."""
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
     results: dict[tuple[int, int], list[float]] = {}
     for start in range(0, len(order), micro_batch_size):
@@ -113,10 +139,13 @@ def score_rows(model, rows: list[Row], vocab_size: int, pad_id: int, micro_batch
             positions[b, :len(flat)] = torch.tensor(flat)
             positions[b, len(flat):] = flat[-1]
         log_probs = log_probs_at(model, tokens, positions, vocab_size).cpu()
+        best = log_probs.argmax(dim=-1) if greedy is not None else None
         for b, choice, wanted, targets in reads:
             slots = positions[b].tolist()
-            results[(batch[b].example, choice)] = [
-                log_probs[b, slots.index(p), t].item() for p, t in zip(wanted, targets)]
+            at = [slots.index(p) for p in wanted]
+            results[(batch[b].example, choice)] = [log_probs[b, a, t].item() for a, t in zip(at, targets)]
+            if best is not None:
+                greedy[(batch[b].example, choice)] = all(best[b, a].item() == t for a, t in zip(at, targets))
         if on_batch is not None:
             on_batch(batch)
     return results

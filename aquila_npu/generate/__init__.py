@@ -76,9 +76,11 @@ class GenerationStats:
 class TextGenerator:
     """A loaded model ready to generate (one per process; under torchrun every rank builds one)."""
 
-    def __init__(self, options: GenerateOptions) -> None:
+    def __init__(self, options: GenerateOptions, opened=None) -> None:
+        """``opened``: the ``OpenModel`` of ``options`` when the caller has loaded it already (one model for
+        generation and scoring)."""
         self.options = options
-        opened = open_model(options, purpose="generation")
+        opened = opened or open_model(options, purpose="generation")
         self.spec, self.model, self.dtype = opened.spec, opened.model, opened.dtype
         self.family, self.tokenizer, self.world = opened.family, opened.tokenizer, opened.world
         self.max_sequence_length = options.max_sequence_length or self.spec.max_position_embeddings
@@ -119,14 +121,17 @@ class TextGenerator:
         return self.tokenizer.add_bos if self.options.add_bos is None else self.options.add_bos
 
     def generate(self, prompts: Sequence[str], sampling: SamplingOptions, on_token: TokenCallback | None = None,
-                 add_bos: bool | None = None, stats: GenerationStats | None = None) -> list[Completion]:
-        """Completions of ``prompts`` (in order). ``on_token(prompt_index, token_id)`` sees each new token."""
+                 add_bos: bool | None = None, stats: GenerationStats | None = None,
+                 prompt_tokens: Sequence[list[int]] | None = None) -> list[Completion]:
+        """Completions of ``prompts`` (in order). ``on_token(prompt_index, token_id)`` sees each new token.
+        ``prompt_tokens``: the prompts' ids when the caller has tokenised them (``add_bos`` is then not used)."""
         from megatron.core.inference.sampling_params import SamplingParams
 
         sampling.check()
         if not prompts:
             return []
-        encoded = [self.encode(p, add_bos) for p in prompts]
+        encoded = ([list(ids) for ids in prompt_tokens] if prompt_tokens is not None
+                   else [self.encode(p, add_bos) for p in prompts])
         for index, ids in enumerate(encoded):
             if not ids:
                 raise AquilaNpuError(f"prompt {index + 1} is empty (and no BOS is added); give some text")

@@ -49,6 +49,11 @@ def aquila_npu_register_patches(registry, device):
         reason="strips a leading BOS unless the caller asks for one (the static inference example never does); "
                "a family whose prompts begin with BOS keeps it")
     registry.register(
+        "lm_eval.models.megatron_lm.MegatronLMEval.tok_encode", _text_ids_for_lm_eval, owner=OWNER,
+        reason="lm-evaluation-harness's megatron_lm model tokenizes every context and continuation with "
+               "tokenizer.tokenize, which on this route prepends the family's BOS to a prompt; lm-eval scores the "
+               "text's own ids (its hf model's, and our aquila-npu model's, convention)")
+    registry.register(
         f"{CONTROLLER}._torch_sampling_func", _never_a_padded_row, owner=OWNER,
         reason="samples over the padded vocabulary (tensor-parallel padding rows hold no token) and clamps the "
                "result; mask those rows instead")
@@ -81,6 +86,10 @@ class FamilyTokenizer:
         ids = self._ours.tokenize(text)
         return [self.bos, *ids] if self._ours.add_bos else ids
 
+    def text_ids(self, text: str) -> list[int]:
+        """The text's ids, no special tokens (what is scored, as opposed to a prompt)."""
+        return self._ours.tokenize(text)
+
     def __getattr__(self, name: str):
         return getattr(self._wrapped, name)
 
@@ -108,6 +117,16 @@ def _with_family_conventions(original):
         return FamilyTokenizer(tokenizer, InferenceTokenizer(args.tokenizer_model, family.tokenizer))
 
     return build_tokenizer
+
+
+def _text_ids_for_lm_eval(original):
+    @functools.wraps(original)
+    def tok_encode(self, string: str, add_special_tokens: bool = False):
+        if isinstance(self.tokenizer, FamilyTokenizer) and not add_special_tokens:
+            return self.tokenizer.text_ids(string)
+        return original(self, string, add_special_tokens)
+
+    return tok_encode
 
 
 def _prompt_as_the_family_tokenizes(original):

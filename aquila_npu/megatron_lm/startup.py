@@ -7,8 +7,9 @@ The ``.pth`` imports this module only when ``--plugin`` is on the command line o
   ``sys.argv`` into Megatron-LM's flags (``aquila_npu.megatron_lm.arguments``), select the device, export the
   choice to child processes, register the device's patches and those that keep checkpoint loading to data
   (``aquila_npu.unpickling``), and report our errors in one line;
-* in a child process of such a job (``torch_dist`` checkpoint savers, data-loader workers started by spawn):
-  register the same patches;
+* in a child process of such a job (``torch_dist`` checkpoint savers, data-loader workers started by spawn), or
+  in any program the user started with ``AQUILA_NPU_PLUGINS`` set (lm-eval's ``megatron_lm`` model, which runs
+  Megatron-LM inside lm-eval): register the same patches (the device: ``AQUILA_NPU_DEVICE``, else chosen here);
 * anywhere else (our own ``python -m aquila_npu...`` drivers, the ``torchrun`` launcher): nothing.
 
 Patches apply as their Megatron modules are imported, so nothing here imports Megatron: the script has not yet put
@@ -90,9 +91,16 @@ def main() -> None:
             fused = ", ".join(sorted(plugin_manager.active_kernels().fused)) or "none"
             print(f"aquila-npu: plugins {', '.join(ours.plugins)} on {device}; model {ours.model or '(flags)'}; "
                   f"fused kernels: {fused}; {len(registry)} patches registered", file=sys.stderr)
-    elif os.environ.get(plugin_manager.ENV_PLUGINS) and os.environ.get(plugin_manager.ENV_DEVICE):
-        _register_route_plugins(plugin_manager.get())
-        _activate(os.environ[plugin_manager.ENV_DEVICE])
+    elif os.environ.get(plugin_manager.ENV_PLUGINS):
+        # a child process of such a job; or a program that reaches Megatron-LM itself (lm-eval's megatron_lm
+        # model), for which the user set the variable: the device is then chosen here, once, for the whole job
+        plugins = plugin_manager.get()
+        plugins.require(v for v in os.environ[plugin_manager.ENV_PLUGINS].split(",") if v)
+        device = os.environ.get(plugin_manager.ENV_DEVICE) or plugins.select_device(None)
+        os.environ[plugin_manager.ENV_DEVICE] = device
+        _register_route_plugins(plugins)
+        _activate(device)
+        sys.excepthook = _one_line_for_our_errors(sys.excepthook)
 
 
 try:

@@ -6,6 +6,7 @@ config fields and instruction datasets, and the arguments it adds to Megatron-LM
 from __future__ import annotations
 
 import os
+import sys
 
 from aquila_npu.hookspecs import hookimpl
 
@@ -67,8 +68,9 @@ def aquila_npu_register_patches(registry, device):
     registry.register(
         "megatron.training.arguments.parse_args", _parse_args_with_plugins, owner="megatron-lm",
         reason="Megatron-LM's parser takes one extra_args_provider; chain the plugins' aquila_npu_add_arguments "
-               "hook (--is-instruction-dataset) after the script's own; check that --save is writable before "
-               "training, not at the first save")
+               "hook (--is-instruction-dataset) after the script's own; expand our --plugin/--model flags in an "
+               "argument list built after start-up (lm-eval's megatron_lm model); check that --save is writable "
+               "before training, not at the first save")
     registry.register(
         "megatron.training.utils.get_batch_on_this_tp_rank", _packed_batch_on_every_tp_rank, owner="megatron-lm",
         reason="packed instruction data (THD): at core_v0.16.1 the tensor-parallel ranks that receive the batch "
@@ -135,6 +137,8 @@ def _parse_args_with_plugins(original):
     def parse_args(extra_args_provider=None, ignore_unknown_args=False):
         from aquila_npu import plugin_manager
 
+        _expand_our_flags(plugin_manager.get())
+
         def provider(parser):
             if extra_args_provider is not None:
                 parser = extra_args_provider(parser)
@@ -149,6 +153,24 @@ def _parse_args_with_plugins(original):
         return args
 
     return parse_args
+
+
+def _expand_our_flags(plugins) -> None:
+    """Our flags (``--plugin``, ``--model``, ...) in the argument list a program builds for Megatron-LM itself, after
+    start-up (lm-eval's ``megatron_lm`` model passes ``extra_args="--model NAME"`` through): expanded as the
+    start-up hook expands a script's command line. A script's own command line was expanded at start-up already."""
+    from aquila_npu.megatron_lm import arguments
+
+    if not any(token.partition("=")[0] in arguments.OUR_FLAGS for token in sys.argv[1:]):
+        return
+    from aquila_npu import plugin_manager
+
+    argv = sys.argv[1:]
+    if not any(token.partition("=")[0] == "--plugin" for token in argv):  # the plugins the job was started with
+        argv = ["--plugin", os.environ.get(plugin_manager.ENV_PLUGINS, ""), *argv]
+    new_argv, ours, _ = arguments.expand_argv(argv, plugins)
+    os.environ.update(ours.environment)
+    sys.argv[1:] = new_argv
 
 
 def _config_with_kernel_fields(original):
