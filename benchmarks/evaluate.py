@@ -48,8 +48,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--sdpa", action="store_true", help="our lm-eval model with PyTorch's SDPA attention "
-                                                            "(use_flash_attn=True), as transformers' default")
+    parser.add_argument("--sdpa", action="store_true", help="ours with PyTorch's SDPA attention (use_flash_attn=True), "
+                                                            "transformers' default")
     args = parser.parse_args()
     os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -63,7 +63,8 @@ def main() -> None:
     from aquila_npu.inference import ModelOptions
     from aquila_npu.lm_eval.model import AquilaNpuLM
 
-    kernel_args = {"use_flash_attn": True} if args.sdpa else {}  # HF's models use PyTorch's SDPA by default
+    # HF's models use PyTorch's SDPA by default; --sdpa gives ours the same (one process: both of ours take it)
+    kernel_args = {"use_flash_attn": True} if args.sdpa else {}
 
     tokenizer = str(sample("aquila2_tokenizer"))
     work = Path(tempfile.mkdtemp(prefix="evaluate-bench-"))
@@ -77,7 +78,8 @@ def main() -> None:
         spec = tiny if name == "aquila2-tiny" else tiny.replace(**SIZES[name])
         folder = str(work / spec.name)
         parity.save_random_hf_model(spec, folder)
-        evaluator = Evaluator(ModelOptions(load=folder, load_model_type="hf", tokenizer_name_or_path=tokenizer))
+        evaluator = Evaluator(ModelOptions(load=folder, load_model_type="hf", tokenizer_name_or_path=tokenizer,
+                                           kernels={"attention": True} if args.sdpa else None))
         options = EvaluateOptions(load=folder, tokenizer_name_or_path=tokenizer, task="boolq",
                                   task_data_path=str(data), micro_batch_size=args.batch_size, progress=False)
         runs = {"ours": lambda options=options, evaluator=evaluator: evaluate(options, evaluator)["accuracy"]}
@@ -110,7 +112,7 @@ def main() -> None:
           f"median of {args.repeat}\n")
     print("| model | run | examples/s | aquila_npu.evaluate / this | lm-eval `aquila-npu` / this | accuracy |")
     print("|---|---|---|---|---|---|")
-    labels = {"ours": f"**aquila_npu.evaluate** (batch {args.batch_size})",
+    labels = {"ours": f"**aquila_npu.evaluate** (batch {args.batch_size}" + (", SDPA)" if args.sdpa else ")"),
               "aquila-npu": f"**lm-eval, model `aquila-npu`** (micro-batch {args.batch_size}"
                             + (", SDPA)" if args.sdpa else ")")}
     for model, key, value, ratio, lm_ratio, acc in rows:
