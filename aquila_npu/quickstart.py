@@ -485,19 +485,6 @@ def _evaluate(run: _Run) -> tuple[bool, str]:
 
 
 LM_EVAL_EXAMPLES = 20
-LM_EVAL_BOOLQ_TASK = """task: boolq_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
-doc_to_target: "{{{{answer | int}}}}"
-doc_to_choice: ["no", "yes"]
-metric_list:
-  - metric: acc
-"""
 
 
 def _lm_eval(run: _Run) -> tuple[bool, str]:
@@ -507,6 +494,8 @@ def _lm_eval(run: _Run) -> tuple[bool, str]:
     import glob
     import importlib.util
 
+    from aquila_npu.lm_eval.local_tasks import write_boolq_task
+
     if importlib.util.find_spec("lm_eval") is None:
         return True, "skipped: lm-evaluation-harness is not installed (pip install 'aquila-npu[lm-eval]')"
     folder = run.work / "lm_eval_tasks"
@@ -514,8 +503,7 @@ def _lm_eval(run: _Run) -> tuple[bool, str]:
     with open(_sample("boolq", "dev_300.jsonl"), encoding="utf-8") as f:
         lines = [line for line, _ in zip(f, range(LM_EVAL_EXAMPLES))]
     (folder / "boolq.jsonl").write_text("".join(lines), encoding="utf-8")
-    (folder / "boolq_local.yaml").write_text(LM_EVAL_BOOLQ_TASK.format(data=folder / "boolq.jsonl"),
-                                             encoding="utf-8")
+    write_boolq_task(folder, folder / "boolq.jsonl")
     out = run.work / "lm_eval_out"
     model_args = f"load={run.mg_dir},tokenizer={run.tokenizer_dir},tensor_model_parallel_size={run.tp}"
     if run.options.device:

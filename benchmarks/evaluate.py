@@ -26,19 +26,6 @@ from sample_data import REPO, sample
 
 SIZES = {"small": dict(name="aquila2-small", num_layers=8, hidden_size=1024, ffn_hidden_size=2816,
                        num_attention_heads=8, num_query_groups=8, seq_length=1024, max_position_embeddings=1024)}
-TASK_YAML = """task: boolq_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
-doc_to_target: "{{{{answer | int}}}}"
-doc_to_choice: ["no", "yes"]
-metric_list:
-  - metric: acc
-"""
 
 
 def main() -> None:
@@ -61,6 +48,7 @@ def main() -> None:
     from aquila_npu import parity, plugin_manager
     from aquila_npu.evaluate import EvaluateOptions, Evaluator, evaluate
     from aquila_npu.inference import ModelOptions
+    from aquila_npu.lm_eval.local_tasks import write_boolq_task
     from aquila_npu.lm_eval.model import AquilaNpuLM
 
     # HF's models use PyTorch's SDPA by default; --sdpa gives ours the same (one process: both of ours take it)
@@ -70,7 +58,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="evaluate-bench-"))
     data = work / "boolq.jsonl"
     data.write_text("\n".join(sample("boolq/dev.jsonl", "boolq/dev_300.jsonl").read_text(encoding="utf-8").splitlines()[:args.limit]) + "\n", "utf-8")
-    (work / "boolq_local.yaml").write_text(TASK_YAML.format(data=data))
+    write_boolq_task(work, data)
     tasks = TaskManager(include_path=str(work))
     tiny = plugin_manager.get().find_model("aquila2-tiny")[1]
     rows = []

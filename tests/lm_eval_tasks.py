@@ -1,7 +1,8 @@
 """Local lm-evaluation-harness tasks for the tests and benchmarks (offline: JSONL files and task YAML, no hub).
 
 ``write_tasks(folder, boolq_file, limit)`` writes four tasks into ``folder`` (lm-eval's ``--include_path``):
-* ``boolq_local``: lm-eval's ``super_glue/boolq`` prompt over the bundled BoolQ dev records;
+* ``boolq_local``: lm-eval's ``super_glue/boolq`` prompt over the bundled BoolQ dev records
+  (``aquila_npu.lm_eval.local_tasks``);
 * ``mmlu_local``: lm-eval's ``mmlu/default`` prompt and description over a few records of two subjects;
 * ``gsm8k_local``: a GSM8K-style ``generate_until`` task (lm-eval's ``gsm8k`` prompt, stop strings and
   ``strict-match`` filter) over a few local word problems;
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from aquila_npu.lm_eval.local_tasks import write_boolq_task
 
 MMLU_RECORDS = [
     {"subject": "abstract_algebra", "question": "Find the degree of Q(sqrt(2)) over Q.",
@@ -31,19 +34,6 @@ GSM8K_RECORDS = [
     {"question": "小明有10本书，送给朋友4本，还剩几本？", "answer": "10 - 4 = 6\n#### 6"},
 ]
 
-BOOLQ = """task: boolq_local
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
-doc_to_target: "{{{{answer | int}}}}"
-doc_to_choice: ["no", "yes"]
-metric_list:
-  - metric: acc
-"""
 MMLU = """task: mmlu_local
 dataset_path: json
 dataset_kwargs:
@@ -109,7 +99,7 @@ def write_tasks(folder: Path, boolq_file: Path, limit: int, alpaca_file: Path | 
     folder.mkdir(parents=True, exist_ok=True)
     boolq = folder / "boolq.jsonl"
     boolq.write_text("\n".join(boolq_file.read_text(encoding="utf-8").splitlines()[:limit]) + "\n", encoding="utf-8")
-    (folder / "boolq_local.yaml").write_text(BOOLQ.format(data=boolq))
+    write_boolq_task(folder, boolq)
     (folder / "mmlu_local.yaml").write_text(MMLU.format(data=_jsonl(folder / "mmlu.jsonl", MMLU_RECORDS)))
     (folder / "gsm8k_local.yaml").write_text(GSM8K.format(data=_jsonl(folder / "gsm8k.jsonl", GSM8K_RECORDS),
                                                           max_gen_toks=max_gen_toks))

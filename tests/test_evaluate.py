@@ -290,11 +290,9 @@ def test_lm_evaluation_harness_gives_the_same_accuracy(boolq_result, boolq_file,
     """lm-evaluation-harness itself (HF backend) on the HF model, BoolQ from the same local file."""
     data = tmp_path / "boolq.jsonl"
     data.write_text("\n".join(boolq_file.read_text(encoding="utf-8").splitlines()[:LIMIT]) + "\n", encoding="utf-8")
-    (tmp_path / "boolq_local.yaml").write_text(
-        "task: boolq_local\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: " + str(data) + "\n"
-        "output_type: multiple_choice\nvalidation_split: validation\n"
-        'doc_to_text: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"\n'
-        'doc_to_target: "{{answer | int}}"\ndoc_to_choice: ["no", "yes"]\nmetric_list:\n  - metric: acc\n')
+    from aquila_npu.lm_eval.local_tasks import write_boolq_task
+
+    write_boolq_task(tmp_path, data)
     script = (
         "import json, sys, lm_eval\nfrom lm_eval.tasks import TaskManager\n"
         "r = lm_eval.simple_evaluate(model='hf', model_args=f'pretrained={sys.argv[1]},tokenizer={sys.argv[2]},"

@@ -22,19 +22,6 @@ from conftest import BUNDLED_DATA, make_hf_checkpoint, run_python
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'aquila-npu[lm-eval]')")
 
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-TASK = """task: boolq_short
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "{{{{passage}}}}\\nQuestion: {{{{question}}}}?\\nAnswer:"
-doc_to_target: "{{{{answer | int}}}}"
-doc_to_choice: ["no", "yes"]
-metric_list:
-  - metric: acc
-"""
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +29,7 @@ def setup(tmp_path_factory, tiny_spec, tokenizer_dir):
     from transformers import AutoTokenizer
 
     from aquila_npu.convert import ConvertOptions, convert
+    from aquila_npu.lm_eval.local_tasks import write_boolq_task
 
     root = tmp_path_factory.mktemp("lm-eval-megatron-lm")
     hf = make_hf_checkpoint(tiny_spec, root / "hf", seed=7)
@@ -56,7 +44,7 @@ def setup(tmp_path_factory, tiny_spec, tokenizer_dir):
         if len(short) == 8:
             break
     (root / "boolq.jsonl").write_text("\n".join(short) + "\n", encoding="utf-8")
-    (root / "boolq_short.yaml").write_text(TASK.format(data=root / "boolq.jsonl"))
+    write_boolq_task(root, root / "boolq.jsonl", name="boolq_short")
     return root, checkpoint
 
 
