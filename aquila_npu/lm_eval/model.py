@@ -280,17 +280,7 @@ class AquilaNpuLM(TemplateLM):
         return self._generator
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _bar(total: int, what: str, disabled: bool):
-    if disabled:
-        return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"aquila-npu {what}", unit="req", file=sys.stderr)
+    return tqdm(total=total, desc=f"aquila-npu {what}", unit="req", file=sys.stderr, disable=disabled)
