@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -29,14 +28,10 @@ OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALL
 
 @pytest.fixture(scope="module", autouse=True)
 def offline():
-    saved = {k: os.environ.get(k) for k in OFFLINE}
-    os.environ.update(OFFLINE)
-    yield
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in OFFLINE.items():
+            patch.setenv(name, value)
+        yield
 
 
 @pytest.fixture(scope="module")

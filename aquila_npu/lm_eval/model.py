@@ -101,6 +101,7 @@ class AquilaNpuLM(TemplateLM):
         hf = self.tokenizer.hf
         self._prefix_token_id = (int(prefix_token_id) if prefix_token_id is not None
                                  else hf.bos_token_id if hf.bos_token_id is not None else self.tokenizer.eod)
+        self._prefix_text = hf.decode(self._prefix_token_id)  # tok_encode's check, once rather than per request
         self._generator = None
         from aquila_npu.lm_eval.lockstep import Lockstep
 
@@ -158,7 +159,7 @@ class AquilaNpuLM(TemplateLM):
         hf = self.tokenizer.hf
         if add_special_tokens is None:
             add_special_tokens = self.add_bos_token
-            if add_special_tokens is None and string.startswith(hf.decode(self.prefix_token_id)):
+            if add_special_tokens is None and string.startswith(self._prefix_text):
                 add_special_tokens = False
         ids = hf.encode(string, **({} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}))
         return ids[-left_truncate_len:] if left_truncate_len else ids
