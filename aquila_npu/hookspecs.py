@@ -113,6 +113,13 @@ def aquila_npu_register_patches(registry: PatchRegistry, device: str) -> None:
     Megatron's own seams). Patches are applied in one place, by the registry, and can be listed and reverted."""
 
 
+@hookspec
+def aquila_npu_prepare_inference_model(model: Any, device: str) -> None:
+    """``model`` (this rank's megatron-core modules) is loaded on ``device`` for forward passes only — generation,
+    scoring, lm-eval — and has run none yet: a device plugin may store its weights the way the device's matrix
+    kernels read fastest. The memory layout only, never a value; not called for training or conversion."""
+
+
 @hookspec(firstresult=True)
 def aquila_npu_kernels(device: str) -> dict[str, Kernel] | None:
     """The fused kernels ``device`` offers, as ``{op: Kernel}`` for ops among ``rms_norm``, ``attention``,

@@ -82,6 +82,7 @@ def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
         raise AquilaNpuError(f"{purpose} runs one model over all processes: start {tp} process(es) for "
                              f"--tensor-model-parallel-size {tp}, not {dist.get_world_size()}")
     loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype, source, options.lora_load)
+    plugins.prepare_inference_model(loaded.model, world.device)
     if dist.get_rank() == 0:
         fused = ", ".join(sorted(world.kernels.fused)) or "none"
         adapters = f", LoRA adapters of {options.lora_load} merged" if options.lora_load else ""

@@ -123,6 +123,10 @@ class Plugins:
 
         return kernels.choose(device, self.fused_kernels(device), requested)
 
+    def prepare_inference_model(self, model, device: str) -> None:
+        """Every device plugin's ``aquila_npu_prepare_inference_model`` on a model about to serve forward passes."""
+        self.hook.aquila_npu_prepare_inference_model(model=model, device=device)
+
     def device_options(self) -> list:
         """Every device's runtime options (``DeviceOption``), for the parsers of every route."""
         return [option for options in self.hook.aquila_npu_device_options() for option in options or ()]

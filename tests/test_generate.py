@@ -351,3 +351,26 @@ def test_a_decode_step_rotates_only_its_own_new_keys(generator, reference, monke
     layers = 2 * generator.spec.num_layers  # a query and a key per layer
     assert rotated[:layers] == [prompt_length] * layers
     assert set(rotated[layers:]) == {1} and len(rotated[layers:]) == layers * (len(result.tokens) - 1)
+
+
+def test_cpu_inference_stores_linear_weights_column_major_with_the_same_values(generator, hf_dir):
+    """The cpu plugin's ``aquila_npu_prepare_inference_model``: every fp32 tensor-parallel linear weight of a model
+    opened for inference is stored column-major (``[in, out]`` rows: MKL's fast operand for few-row products), the
+    embedding stays row-major, and the values are the checkpoint's bit for bit (the greedy tests above run on this
+    layout and equal transformers)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from safetensors.torch import load_file
+
+    model = generator.model
+    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    assert len(linears) == 4 * generator.spec.num_layers + 1
+    assert all(m.weight.stride(0) == 1 and m.weight.stride(1) >= m.weight.shape[0] for m in linears)
+    assert all(not m.weight.is_contiguous() for m in linears)
+    gpt = next(m for m in model.modules() if hasattr(m, "output_layer"))
+    assert gpt.embedding.word_embeddings.weight.is_contiguous()
+    hf = {}
+    for shard in sorted(hf_dir.glob("*.safetensors")):
+        hf.update(load_file(shard))
+    assert torch.equal(gpt.output_layer.weight, hf["lm_head.weight"])
+    for index, layer in enumerate(gpt.decoder.layers):
+        assert torch.equal(layer.mlp.linear_fc2.weight, hf[f"model.layers.{index}.mlp.down_proj.weight"])
