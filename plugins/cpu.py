@@ -137,12 +137,13 @@ def store_linear_weights_column_major(model) -> int:
 
     megatron-core's linears compute ``input @ weight.t()``. On the CPU, with few rows of input — every decode step,
     and the output layer of scoring — MKL's fp32 GEMM reads a contiguous ``[in, out]`` operand much faster than the
-    transposed view of a row-major weight, and a decode step is nearly all such products
-    (``benchmarks/generate.py``: the output layer 1.5x faster at hidden 1024, 3.5x at 128). The pad keeps the rows
-    from starting a power-of-two apart (hidden sizes are), where reading down a column would fall on the same cache
-    sets: ~5% more at batch 4-8, for 64 bytes a row. bf16 and fp16 take oneDNN's kernels, which prefer the
-    row-major weight, so they are left as they are. Values are untouched; a weight shared with the embedding (tied
-    output layer) is left row-major for the embedding's row lookups."""
+    transposed view of a row-major weight, and a decode step is nearly all such products (``benchmarks/README.md``,
+    "Linear weights stored column-major": one row through the output layer 3.2x faster at hidden 128, 1.3x at 1024).
+    The pad keeps the rows from starting a power of two apart (hidden sizes are), a guard against reads down a
+    column falling on the same cache sets; its effect was within this machine's noise, at 64 bytes a row. bf16 and
+    fp16 products run other kernels (oneDNN's) and were not measured, so those weights are left as they are. Values
+    are untouched; a weight shared with the embedding (tied output layer) is left row-major for the embedding's row
+    lookups."""
     import torch
     from megatron.core.tensor_parallel.layers import (
         ColumnParallelLinear,
