@@ -115,7 +115,7 @@ def aquila_npu_register_patches(registry: PatchRegistry, device: str) -> None:
 
 @hookspec
 def aquila_npu_prepare_inference_model(model: Any, device: str) -> None:
-    """``model`` (this rank's megatron-core modules) is loaded on ``device`` for forward passes only — generation,
+    """``model`` (this rank's megatron-core ``GPTModel``) is loaded on ``device`` for forward passes only — generation,
     scoring, lm-eval — and has run none yet: a device plugin may store its weights the way the device's matrix
     kernels read fastest. The memory layout only, never a value; not called for training or conversion."""
 

@@ -130,10 +130,10 @@ def aquila_npu_prepare_inference_model(model, device):
         store_linear_weights_column_major(model)
 
 
-def store_linear_weights_column_major(model) -> int:
-    """Store each fp32 tensor-parallel linear weight ``[out, in]`` transposed in memory: ``[in, out]`` rows (with
-    ``COLUMN_MAJOR_PAD`` unused floats after each), the same tensor seen through strides ``(1, out + pad)``; returns
-    how many were re-stored.
+def store_linear_weights_column_major(model) -> None:
+    """Store each fp32 tensor-parallel linear weight ``[out, in]`` of ``model`` (a ``GPTModel``) transposed in
+    memory: ``[in, out]`` rows (with ``COLUMN_MAJOR_PAD`` unused floats after each), the same tensor seen through
+    strides ``(1, out + pad)``.
 
     megatron-core's linears compute ``input @ weight.t()``. On the CPU, with few rows of input — every decode step,
     and the output layer of scoring — MKL's fp32 GEMM reads a contiguous ``[in, out]`` operand much faster than the
@@ -151,9 +151,8 @@ def store_linear_weights_column_major(model) -> int:
         VocabParallelEmbedding,
     )
 
-    modules = [m for chunk in (model if isinstance(model, (list, tuple)) else [model]) for m in chunk.modules()]
+    modules = list(model.modules())
     embeddings = {id(m.weight) for m in modules if isinstance(m, VocabParallelEmbedding)}
-    stored = 0
     for module in modules:
         weight = getattr(module, "weight", None)
         if (not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or weight is None
@@ -164,8 +163,6 @@ def store_linear_weights_column_major(model) -> int:
         storage = weight.new_empty(columns, rows + COLUMN_MAJOR_PAD)
         storage[:, :rows].copy_(weight.data.t())
         weight.data = storage[:, :rows].t()
-        stored += 1
-    return stored
 
 
 @hookimpl
