@@ -117,7 +117,8 @@ def aquila_npu_register_patches(registry: PatchRegistry, device: str) -> None:
 def aquila_npu_prepare_inference_model(model: Any, device: str) -> None:
     """``model`` (this rank's megatron-core ``GPTModel``) is loaded on ``device`` for forward passes only — generation,
     scoring, lm-eval — and has run none yet: a device plugin may store its weights the way the device's matrix
-    kernels read fastest. The memory layout only, never a value; not called for training or conversion."""
+    kernels read fastest, and pick how a product is formed. Layouts and operand order only: the weights' values
+    stay the checkpoint's, results change by float rounding at most. Not called for training or conversion."""
 
 
 @hookspec(firstresult=True)

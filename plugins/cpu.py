@@ -128,6 +128,7 @@ COLUMN_MAJOR_PAD = 16  # fp32 elements: one 64-byte cache line
 def aquila_npu_prepare_inference_model(model, device):
     if device == DEVICE:
         store_linear_weights_column_major(model)
+        give_output_layer_both_layouts(model)
 
 
 def store_linear_weights_column_major(model) -> None:
@@ -135,34 +136,73 @@ def store_linear_weights_column_major(model) -> None:
     memory: ``[in, out]`` rows (with ``COLUMN_MAJOR_PAD`` unused floats after each), the same tensor seen through
     strides ``(1, out + pad)``.
 
-    megatron-core's linears compute ``input @ weight.t()``. On the CPU, with few rows of input — every decode step,
-    and the output layer of scoring — MKL's fp32 GEMM reads a contiguous ``[in, out]`` operand much faster than the
+    megatron-core's linears compute ``input @ weight.t()``. On the CPU, with few rows of input — every decode step —
+    MKL's fp32 GEMM reads a contiguous ``[in, out]`` operand much faster than the
     transposed view of a row-major weight, and a decode step is nearly all such products (``benchmarks/README.md``,
     "Linear weights stored column-major": one row through the output layer 3.2x faster at hidden 128, 1.3x at 1024).
     The pad keeps the rows from starting a power of two apart (hidden sizes are), a guard against reads down a
     column falling on the same cache sets; its effect was within this machine's noise, at 64 bytes a row. bf16 and
     fp16 products run other kernels (oneDNN's) and were not measured, so those weights are left as they are. Values
-    are untouched; a weight shared with the embedding (tied output layer) is left row-major for the embedding's row
-    lookups."""
+    are untouched. The output layer is left to ``give_output_layer_both_layouts``."""
     import torch
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-    )
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    modules = list(model.modules())
-    embeddings = {id(m.weight) for m in modules if isinstance(m, VocabParallelEmbedding)}
-    for module in modules:
+    output_layer = getattr(model, "output_layer", None)
+    for module in model.modules():
         weight = getattr(module, "weight", None)
-        if (not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or weight is None
-                or weight.dtype != torch.float32 or weight.dim() != 2 or id(weight) in embeddings
-                or weight.stride(0) == 1):
-            continue
-        rows, columns = weight.shape
-        storage = weight.new_empty(columns, rows + COLUMN_MAJOR_PAD)
-        storage[:, :rows].copy_(weight.data.t())
-        weight.data = storage[:, :rows].t()
+        if (isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and module is not output_layer
+                and weight is not None and weight.dtype == torch.float32 and weight.dim() == 2
+                and weight.stride(0) != 1):
+            weight.data = column_major_copy(weight.data)
+
+
+def column_major_copy(weight):
+    """``weight`` ``[out, in]`` stored as ``[in, out]`` rows (``COLUMN_MAJOR_PAD`` floats after each), seen as
+    ``[out, in]``: equal values, strides ``(1, out + pad)``."""
+    rows, columns = weight.shape
+    storage = weight.new_empty(columns, rows + COLUMN_MAJOR_PAD)
+    storage[:, :rows].copy_(weight.detach().t())
+    return storage[:, :rows].t()
+
+
+def give_output_layer_both_layouts(model) -> None:
+    """The fp32 output layer of ``model`` (a ``GPTModel``) keeps its row-major weight and gains a column-major copy;
+    its product uses the copy for one row of input and ``(weight @ input.t()).t()`` on the row-major weight for
+    more.
+
+    The output layer (``[vocab, hidden]``) is the largest product of a decode step, and which operand MKL reads
+    fastest depends on the row count (``benchmarks/README.md``, "Output layer in both layouts"): at one row the
+    column-major operand (1.9 against 6.2 ms at hidden 128); from two rows up to full prompts, the row-major weight
+    as the left operand (4.4 against 7.4 ms column-major and 8.0 ms as megatron-core computes it, at 8 rows). The
+    cost is a second copy of this one weight (vocab x hidden floats: 51 MB at hidden 128, 1.6 GB at Aquila2-7B's
+    4096) for the life of the inference model. Anything else — gradients on, another weight passed in, a bias,
+    sequence parallelism — goes to megatron-core's own product."""
+    import torch
+
+    layer = getattr(model, "output_layer", None)
+    if layer is None:
+        return
+    tied = getattr(model, "share_embeddings_and_output_weights", False)
+    weight = model.shared_embedding_or_output_weight() if tied else layer.weight
+    if (weight is None or weight.dtype != torch.float32 or weight.dim() != 2 or layer.bias is not None
+            or layer.sequence_parallel or "_forward_impl" in vars(layer)):
+        return
+    if not weight.is_contiguous():
+        weight.data = weight.data.contiguous()
+    source, column_major, megatron_product = weight, column_major_copy(weight), layer._forward_impl
+
+    def output_layer_product(input, weight, bias=None, *args, **kwargs):
+        if (torch.is_grad_enabled() or weight is not source or bias is not None
+                or kwargs.get("sequence_parallel")):
+            return megatron_product(input, weight, bias, *args, **kwargs)
+        rows = input.reshape(-1, input.shape[-1])
+        if rows.shape[0] == 1:
+            product = rows @ column_major.t()
+        else:
+            product = (weight @ rows.t()).t()
+        return product.reshape(*input.shape[:-1], product.shape[-1])
+
+    layer._forward_impl = output_layer_product
 
 
 @hookimpl

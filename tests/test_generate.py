@@ -353,24 +353,42 @@ def test_a_decode_step_rotates_only_its_own_new_keys(generator, reference, monke
     assert set(rotated[layers:]) == {1} and len(rotated[layers:]) == layers * (len(result.tokens) - 1)
 
 
-def test_cpu_inference_stores_linear_weights_column_major_with_the_same_values(generator, hf_dir):
-    """The cpu plugin's ``aquila_npu_prepare_inference_model``: every fp32 tensor-parallel linear weight of a model
-    opened for inference is stored column-major (``[in, out]`` rows: MKL's fast operand for few-row products), the
-    embedding stays row-major, and the values are the checkpoint's bit for bit (the greedy tests above run on this
-    layout and equal transformers)."""
+def test_cpu_inference_stores_linear_weights_column_major_with_the_same_values(generator, hf_dir, monkeypatch):
+    """The cpu plugin's ``aquila_npu_prepare_inference_model``: every fp32 tensor-parallel linear weight but the
+    output layer's is stored column-major (``[in, out]`` rows: MKL's fast operand for few-row products); the output
+    layer keeps its row-major weight beside a column-major copy and picks by row count; the embedding stays
+    row-major; values are the checkpoint's bit for bit, and the output layer's product equals ``x @ W.t()`` at any
+    row count (the greedy tests above run on this layout and equal transformers)."""
+    from megatron.core.tensor_parallel import layers
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from safetensors.torch import load_file
 
     model = generator.model
-    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
-    assert len(linears) == 4 * generator.spec.num_layers + 1
+    gpt = next(m for m in model.modules() if hasattr(m, "output_layer"))
+    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))
+               and m is not gpt.output_layer]
+    assert len(linears) == 4 * generator.spec.num_layers
     assert all(m.weight.stride(0) == 1 and m.weight.stride(1) >= m.weight.shape[0] for m in linears)
     assert all(not m.weight.is_contiguous() for m in linears)
-    gpt = next(m for m in model.modules() if hasattr(m, "output_layer"))
     assert gpt.embedding.word_embeddings.weight.is_contiguous()
+    assert gpt.output_layer.weight.is_contiguous() and "_forward_impl" in vars(gpt.output_layer)
     hf = {}
     for shard in sorted(hf_dir.glob("*.safetensors")):
         hf.update(load_file(shard))
     assert torch.equal(gpt.output_layer.weight, hf["lm_head.weight"])
     for index, layer in enumerate(gpt.decoder.layers):
         assert torch.equal(layer.mlp.linear_fc2.weight, hf[f"model.layers.{index}.mlp.down_proj.weight"])
+        assert torch.equal(layer.self_attention.linear_proj.weight, hf[f"model.layers.{index}.self_attn.o_proj.weight"])
+    weight = hf["lm_head.weight"].float()
+    megatron_products = []
+    for name in ("linear_with_frozen_weight", "linear_with_grad_accumulation_and_async_allreduce"):
+        original = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *args, _original=original, **kwargs: (
+            megatron_products.append(1), _original(*args, **kwargs))[1])
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for sequence, batch in ((1, 1), (1, 2), (1, 8), (5, 3)):
+            hidden = torch.randn(sequence, batch, weight.shape[1])
+            logits, _ = gpt.output_layer(hidden)
+            torch.testing.assert_close(logits, hidden @ weight.t(), rtol=1e-5, atol=1e-5)
+    assert not megatron_products  # the output layer's own product served every row count
