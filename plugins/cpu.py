@@ -137,9 +137,9 @@ def store_linear_weights_column_major(model) -> None:
     strides ``(1, out + pad)``.
 
     megatron-core's linears compute ``input @ weight.t()``. On the CPU, with few rows of input — every decode step —
-    MKL's fp32 GEMM reads a contiguous ``[in, out]`` operand much faster than the
-    transposed view of a row-major weight, and a decode step is nearly all such products (``benchmarks/README.md``,
-    "Linear weights stored column-major": one row through the output layer 3.2x faster at hidden 128, 1.3x at 1024).
+    MKL's fp32 GEMM reads a contiguous ``[in, out]`` operand much faster than the transposed view of a row-major
+    weight, and a decode step is nearly all such products (``benchmarks/README.md``, "Linear weights stored
+    column-major": one row through QKV or FC1 at hidden 1024 about 2x faster).
     The pad keeps the rows from starting a power of two apart (hidden sizes are), a guard against reads down a
     column falling on the same cache sets; its effect was within this machine's noise, at 64 bytes a row. bf16 and
     fp16 products run other kernels (oneDNN's) and were not measured, so those weights are left as they are. Values
