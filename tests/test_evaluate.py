@@ -110,6 +110,27 @@ def test_long_passages_are_truncated_from_the_left_like_lm_eval(boolq_result, bo
     assert max(lengths) > tiny_spec.max_position_embeddings
 
 
+def test_rows_are_batched_longest_first_with_little_padding(boolq_file):
+    from aquila_npu.evaluate.scoring import MAX_PADDING, length_batches
+
+    # BoolQ passages (in characters) and one outlier three times the longest: a fixed row count would pad seven
+    # rows to the outlier's width
+    lengths = [len(json.loads(line)["passage"]) for line in boolq_file.read_text(encoding="utf-8").splitlines()]
+    lengths.append(3 * max(lengths))
+    batches = length_batches(lengths, 8)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    flat = [lengths[i] for batch in batches for i in batch]
+    assert flat == sorted(lengths, reverse=True)
+    assert batches[0] == [len(lengths) - 1]
+    for batch in batches:
+        assert 1 <= len(batch) <= 8
+        assert lengths[batch[0]] * len(batch) <= (1 + MAX_PADDING) * sum(lengths[i] for i in batch)
+    # rows of one length fill whole batches; without the padding bound, batches are plain slices of 8
+    assert [len(b) for b in length_batches([50] * 20, 8)] == [8, 8, 4]
+    assert [len(b) for b in length_batches(lengths, 8, max_padding=float("inf"))] == \
+        [8] * (len(lengths) // 8) + ([len(lengths) % 8] if len(lengths) % 8 else [])
+
+
 def test_first_token_scoring_is_modellink_s(evaluator, boolq_file, hf_model, hf_tokenizer):
     from aquila_npu.evaluate import EvaluateOptions, evaluate
 

@@ -7,7 +7,7 @@ one warm-up run each, which also compiles what ``torch.compile`` compiles). The 
 kernel's: above 1, the kernel is faster. The NPU kernels cannot run here and are not listed. No target is set by the
 issue; these figures say what the flags buy on each device.
 
-    python benchmarks/kernels.py [--device cpu|cuda] [--dtype fp32|bf16] [--seq-length 1024] [--repeat 5]
+    python benchmarks/fused_kernels.py [--device cpu|cuda] [--dtype fp32|bf16] [--seq-length 1024] [--repeat 5]
 """
 
 from __future__ import annotations
