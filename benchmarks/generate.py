@@ -167,6 +167,9 @@ def main() -> None:
                                                   model=None, device=args.device, params_dtype=args.dtype,
                                                   max_batch_size=max(batches), kernels=kernels))
         params = sum(p.numel() for p in hf.parameters()) / 1e6
+        # what each side's attention runs: transformers picks SDPA by default; ours, the device's kernels
+        attention = (f"transformers attention: {hf.config._attn_implementation}; ours: "
+                     f"{', '.join(sorted(generator.world.kernels.fused)) or 'the reference'} kernels")
         if args.decode_step:
             steps += decode_step_table(args, generator, hf, tokenizer, family.tokenizer.bos_token_id, spec.name)
             del hf, generator
@@ -195,7 +198,8 @@ def main() -> None:
             print(f"{name}: growth from the shortest to the longest cache: ours {ours_b / ours_a:.2f}x, "
                   f"transformers {hf_b / hf_a:.2f}x")
         return
-    print(f"\n{device}, {args.dtype}, greedy, {args.new_tokens} new tokens per prompt, median of {args.repeat}\n")
+    print(f"\n{device}, {args.dtype}, greedy, {args.new_tokens} new tokens per prompt, median of {args.repeat}; "
+          f"{attention}\n")
     print("| model | params | batch | aquila_npu.generate tokens/s | transformers generate tokens/s | ratio |")
     print("|---|---|---|---|---|---|")
     for name, params, batch, ours, theirs, ratio in rows:

@@ -334,23 +334,64 @@ def test_padding_mask_hides_padding_keys_only():
 def test_a_decode_step_rotates_only_its_own_new_keys(generator, reference, monkeypatch):
     """Keys enter the KV cache rotated (aquila_npu.kv_cache): after the prefill, every rotary application of a
     decode step is over one position (its query and its new key), however long the cache has grown — megatron-core
-    alone re-rotates the whole cache at every step. The completion still equals transformers'."""
+    alone re-rotates the whole cache at every step — and the angles' cos/sin are taken once for the whole generation,
+    not per layer and step. Nothing is left for megatron-core's own RoPE. The completion still equals
+    transformers'."""
     from megatron.core.transformer import attention
 
-    rotated = []
-    original = attention.apply_rotary_pos_emb
+    from aquila_npu import kv_cache
 
-    def recording(t, *args, **kwargs):
+    rotated, cosines, megatron_rotations = [], [], []
+    original_rotate, original_cosines = kv_cache.rotate, kv_cache.RotatedKeyCacheSelfAttention._cosines
+
+    def recording_rotate(t, cos, sin):
         rotated.append(t.shape[0])
-        return original(t, *args, **kwargs)
+        return original_rotate(t, cos, sin)
 
-    monkeypatch.setattr(attention, "apply_rotary_pos_emb", recording)
+    def recording_cosines(self, *args):
+        cosines.append(original_cosines(self, *args))
+        return cosines[-1]
+
+    monkeypatch.setattr(kv_cache, "rotate", recording_rotate)
+    monkeypatch.setattr(kv_cache.RotatedKeyCacheSelfAttention, "_cosines", recording_cosines)
+    monkeypatch.setattr(attention, "apply_rotary_pos_emb", lambda *a, **k: megatron_rotations.append(1))
     prompt_length = len(generator.encode(PROMPTS[0]))
     result = generator.generate([PROMPTS[0]], greedy())[0]
     assert result.tokens == reference[0]
     layers = 2 * generator.spec.num_layers  # a query and a key per layer
     assert rotated[:layers] == [prompt_length] * layers
     assert set(rotated[layers:]) == {1} and len(rotated[layers:]) == layers * (len(result.tokens) - 1)
+    assert len({id(cos) for cos, _ in cosines}) == 1 and len(cosines) == len(rotated) // 2
+    assert not megatron_rotations
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, rotary_dim", [(1, 32), (3, 32), (3, 16)])
+def test_rotation_with_cosines_taken_once_equals_megatron_cores_bit_for_bit(dtype, rows, rotary_dim):
+    """``kv_cache.rotate`` with the cos/sin of the whole angle table, sliced to the step's positions, against
+    megatron-core's ``apply_rotary_pos_emb`` of the step's slice of the angles (which takes cos/sin itself): equal
+    bit for bit, for one shared table and a per-row table (left-padded batches), and for a rotary dimension smaller
+    than the head (the rest passes through)."""
+    import types
+
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+
+    from aquila_npu import kv_cache
+
+    config = types.SimpleNamespace(apply_rope_fusion=False, rotary_interleaved=False, multi_latent_attention=False)
+    generator = torch.Generator().manual_seed(rows * rotary_dim)
+    inverse = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    positions = torch.arange(40).float()[:, None, None] - torch.arange(rows).float()[None, :, None]  # per-row offsets
+    angles = torch.outer(positions.reshape(-1), inverse).reshape(40, rows, 1, -1)
+    table = torch.cat((angles, angles), dim=-1)  # [s, rows, 1, rotary_dim], megatron-core's layout
+    cos, sin = torch.cos(table).to(dtype), torch.sin(table).to(dtype)
+    for start, length in ((0, 17), (17, 1), (39, 1)):
+        t = torch.randn(length, rows, 4, 32, generator=generator).to(dtype)
+        step = slice(start, start + length)
+        ours = kv_cache.rotate(t, cos[step], sin[step])
+        theirs = apply_rotary_pos_emb(t, table[step], config=config, cp_group=object())
+        assert ours.dtype == theirs.dtype == dtype
+        assert torch.equal(ours, theirs)
 
 
 def test_cpu_inference_stores_linear_weights_column_major_with_the_same_values(generator, hf_dir, monkeypatch):
@@ -372,6 +413,7 @@ def test_cpu_inference_stores_linear_weights_column_major_with_the_same_values(g
     assert all(not m.weight.is_contiguous() for m in linears)
     assert gpt.embedding.word_embeddings.weight.is_contiguous()
     assert gpt.output_layer.weight.is_contiguous() and "_forward_impl" in vars(gpt.output_layer)
+    assert not any(p.requires_grad for p in model.parameters())  # frozen: megatron-core's frozen-weight products
     hf = {}
     for shard in sorted(hf_dir.glob("*.safetensors")):
         hf.update(load_file(shard))
