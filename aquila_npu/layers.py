@@ -3,7 +3,9 @@
 ``layer_spec(kernels)`` mirrors ``megatron.core.models.gpt.gpt_layer_specs.get_gpt_layer_local_spec`` for a dense
 RMSNorm/SwiGLU/RoPE decoder, but takes the norm, core attention and MLP activation from a ``KernelSet``
 (``aquila_npu.kernels``); the set's ``config_overrides()`` are the ``TransformerConfig`` fields it needs beside.
-Self-attention is megatron-core's with rotated keys in the static KV cache (``aquila_npu.kv_cache``).
+Self-attention is megatron-core's with rotated keys in the static KV cache (``aquila_npu.kv_cache``); the linears
+are megatron-core's, taking the bare product when there is nothing to parallelise or differentiate
+(``aquila_npu.parallel_linears``).
 
 Megatron-LM's ``pretrain_gpt.py`` reads a layer spec through ``--spec MODULE NAME``; the start-up hook passes
 ``--spec aquila_npu.megatron_lm.layer_spec layer_spec`` (the spec for the device selected in this process).
@@ -16,7 +18,6 @@ from aquila_npu.kernels.seams import KernelSet
 
 def layer_spec(kernels: KernelSet):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.attention import SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
     from megatron.core.transformer.identity_op import IdentityOp
@@ -25,6 +26,7 @@ def layer_spec(kernels: KernelSet):
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
     from aquila_npu.kv_cache import RotatedKeyCacheSelfAttention
+    from aquila_npu.parallel_linears import ColumnParallelLinear, RowParallelLinear
 
     return ModuleSpec(
         module=TransformerLayer,
