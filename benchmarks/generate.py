@@ -11,8 +11,9 @@ timed calls (taken in turns) after one warm-up call each. Target (issue 6): ours
 
 ``--decode-step``: instead, the time of one decode step at KV-cache lengths 64 and 1024 (``--cache-lengths``), for
 both: a prompt of that many tokens, generated with 8 and with 40 new tokens; per step = the difference of the two
-wall times (median of ``--repeat``) over the 32 extra steps, so the prefill cancels out. Target (issue 16): ours does
-not grow from 64 to 1024 faster than transformers.
+wall times (median of ``--repeat``) over the 32 extra steps, so the prefill cancels out. All lengths and both sides
+are timed in each round, in turns. Target (issue 16): ours does not grow from 64 to 1024 faster than
+transformers.
 """
 
 from __future__ import annotations
@@ -89,34 +90,43 @@ def hf_runner(model, tokenizer, texts: list[str], new_tokens: int, bos: int, dev
     return run
 
 
-def decode_step_seconds(run_short, run_long, extra_steps: int, repeat: int) -> float:
-    """Seconds per decode step: (long run - short run) / extra steps, each the median of ``repeat`` (in turns)."""
-    run_short(), run_long()  # warm-up
-    short, long_ = [], []
+def decode_step_seconds(runs: dict, extra_steps: int, repeat: int) -> dict:
+    """Seconds per decode step of each key of ``runs`` (``key -> (short run, long run)``): (long - short) / extra
+    steps, each the median of ``repeat``. Every run of every key is timed in each round, in turns, so that a drift in
+    the machine's speed falls on all cache lengths and both sides alike rather than on whichever was measured
+    later."""
+    for short, long_ in runs.values():
+        short(), long_()  # warm-up
+    times: dict = {key: ([], []) for key in runs}
     for _ in range(repeat):
-        for times, run in ((short, run_short), (long_, run_long)):
-            started = time.perf_counter()
-            run()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-    return (statistics.median(long_) - statistics.median(short)) / extra_steps
+        for key, pair in runs.items():
+            for run, sink in zip(pair, times[key]):
+                started = time.perf_counter()
+                run()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                sink.append(time.perf_counter() - started)
+    return {key: (statistics.median(long_) - statistics.median(short)) / extra_steps
+            for key, (short, long_) in times.items()}
 
 
 def decode_step_table(args, generator, hf, tokenizer, bos: int, name: str) -> list[tuple]:
-    rows = []
-    for length in (int(c) for c in args.cache_lengths.split(",")):
+    runs = {}
+    lengths = [int(c) for c in args.cache_lengths.split(",")]
+    for length in lengths:
         text = " ".join(["Aquila"] * 4 * length)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length - 1]
         text = tokenizer.decode(ids)
         assert len(generator.encode(text)) == length, "the prompt must tokenise back to the same length"
-        per_step = {}
-        for runner, make in (("ours", lambda n: ours_runner(generator, [text], n)),
-                             ("hf", lambda n: hf_runner(hf, tokenizer, [text], n, bos, args.device))):
-            per_step[runner] = decode_step_seconds(make(8), make(40), 32, args.repeat)
-        rows.append((name, length, per_step["ours"], per_step["hf"]))
-        print(f"{name} cache {length}: ours {1e3 * per_step['ours']:.2f} ms/step, transformers "
-              f"{1e3 * per_step['hf']:.2f} ms/step", flush=True)
+        runs[("ours", length)] = tuple(ours_runner(generator, [text], n) for n in (8, 40))
+        runs[("hf", length)] = tuple(hf_runner(hf, tokenizer, [text], n, bos, args.device) for n in (8, 40))
+    per_step = decode_step_seconds(runs, 32, args.repeat)
+    rows = []
+    for length in lengths:
+        ours, theirs = per_step[("ours", length)], per_step[("hf", length)]
+        rows.append((name, length, ours, theirs))
+        print(f"{name} cache {length}: ours {1e3 * ours:.2f} ms/step, transformers {1e3 * theirs:.2f} ms/step",
+              flush=True)
     return rows
 
 
