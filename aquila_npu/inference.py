@@ -82,8 +82,8 @@ def open_model(options: ModelOptions, purpose: str = "inference") -> OpenModel:
         raise AquilaNpuError(f"{purpose} runs one model over all processes: start {tp} process(es) for "
                              f"--tensor-model-parallel-size {tp}, not {dist.get_world_size()}")
     loaded = load_model(options.load, options.load_model_type, spec, options.params_dtype, source, options.lora_load)
-    # an inference model keeps no gradients: megatron-core's linears then take their frozen-weight product, which
-    # skips the gradient-accumulation bookkeeping on every call of every decode step
+    # an inference model keeps no gradients: the linears outside the layer spec (megatron-core's own, the output
+    # layer) then take their frozen-weight product rather than the gradient-accumulation function
     loaded.model.requires_grad_(False)
     plugins.prepare_inference_model(loaded.model, world.device)
     if dist.get_rank() == 0:

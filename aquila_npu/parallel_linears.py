@@ -30,15 +30,21 @@ def _takes_the_bare_product(linear) -> bool:
             and "_forward_impl" not in vars(linear))
 
 
+def _bare_product(linear, input_):
+    """``(output, output_bias)`` as megatron-core's forward returns them: the bias added, or handed back with
+    ``skip_bias_add``."""
+    output = torch.matmul(input_, linear.weight.t())
+    if linear.skip_bias_add:
+        return output, linear.bias
+    return (output + linear.bias if linear.bias is not None else output), None
+
+
 class ColumnParallelLinear(megatron_layers.ColumnParallelLinear):
     """megatron-core's ``ColumnParallelLinear``; without gradients at one rank, the bare product (module doc)."""
 
     def forward(self, input_, weight=None, runtime_gather_output=None):
         if weight is None and self.weight is not None and _takes_the_bare_product(self):
-            output = torch.matmul(input_, self.weight.t())
-            if self.skip_bias_add:
-                return output, self.bias
-            return (output + self.bias if self.bias is not None else output), None
+            return _bare_product(self, input_)
         return super().forward(input_, weight, runtime_gather_output)
 
 
@@ -47,8 +53,5 @@ class RowParallelLinear(megatron_layers.RowParallelLinear):
 
     def forward(self, input_):
         if _takes_the_bare_product(self):
-            output = torch.matmul(input_, self.weight.t())
-            if self.skip_bias_add:
-                return output, self.bias
-            return (output + self.bias if self.bias is not None else output), None
+            return _bare_product(self, input_)
         return super().forward(input_)

@@ -46,6 +46,15 @@ def prompts(count: int) -> list[str]:
     return pq.read_table(path, columns=["instruction"]).column("instruction").to_pylist()[:count]
 
 
+def timed(run) -> tuple[float, object]:
+    """(wall seconds of ``run()``, waiting for the GPU's queued work where there is one; what it returned)."""
+    started = time.perf_counter()
+    result = run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - started, result
+
+
 def median_rates(runs: dict, repeat: int) -> dict:
     """tokens/s of each runner: the median of ``repeat`` timed calls, taken in turns (ABAB...) so that drift in the
     machine's speed falls on both alike; one warm-up call each first."""
@@ -54,11 +63,8 @@ def median_rates(runs: dict, repeat: int) -> dict:
     rates: dict = {name: [] for name in runs}
     for _ in range(repeat):
         for name, run in runs.items():
-            started = time.perf_counter()
-            tokens = run()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            rates[name].append((tokens / (time.perf_counter() - started), tokens))
+            seconds, tokens = timed(run)
+            rates[name].append((tokens / seconds, tokens))
     return {name: (statistics.median(r for r, _ in values), values[-1][1]) for name, values in rates.items()}
 
 
@@ -101,11 +107,7 @@ def decode_step_seconds(runs: dict, extra_steps: int, repeat: int) -> dict:
     for _ in range(repeat):
         for key, pair in runs.items():
             for run, sink in zip(pair, times[key]):
-                started = time.perf_counter()
-                run()
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                sink.append(time.perf_counter() - started)
+                sink.append(timed(run)[0])
     return {key: (statistics.median(long_) - statistics.median(short)) / extra_steps
             for key, (short, long_) in times.items()}
 

@@ -30,18 +30,29 @@ def linear_pair(kind: str, bias: bool, skip_bias_add: bool, spec):
     return pair
 
 
+def record_calls(monkeypatch, name: str) -> list:
+    """Calls of megatron-core's ``tensor_parallel.layers.<name>`` from now on (one entry each)."""
+    from megatron.core.tensor_parallel import layers as megatron_layers
+
+    calls = []
+    original = getattr(megatron_layers, name)
+
+    @functools.wraps(original)  # with its attributes: some keep a 'warned' flag on themselves
+    def recording(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(megatron_layers, name, recording)
+    return calls
+
+
 @pytest.mark.parametrize("kind", ["column", "row"])
 @pytest.mark.parametrize("bias, skip_bias_add", [(False, False), (True, False), (True, True)])
 def test_without_gradients_the_bare_product_equals_megatron_cores_bit_for_bit(kind, bias, skip_bias_add, tiny_spec,
                                                                              megatron_world, monkeypatch):
-    from megatron.core.tensor_parallel import layers as megatron_layers
-
     ours, theirs = linear_pair(kind, bias, skip_bias_add, tiny_spec)
     x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(3))
-    calls = []
-    original = megatron_layers.linear_with_frozen_weight
-    monkeypatch.setattr(megatron_layers, "linear_with_frozen_weight",
-                        lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    calls = record_calls(monkeypatch, "linear_with_frozen_weight")
     for linear in (ours, theirs):
         linear.requires_grad_(False)
     for mode in (torch.no_grad, torch.inference_mode):
@@ -56,19 +67,9 @@ def test_without_gradients_the_bare_product_equals_megatron_cores_bit_for_bit(ki
 
 @pytest.mark.parametrize("kind", ["column", "row"])
 def test_with_gradients_the_forward_and_gradients_are_megatron_cores(kind, tiny_spec, megatron_world, monkeypatch):
-    from megatron.core.tensor_parallel import layers as megatron_layers
-
     ours, theirs = linear_pair(kind, True, False, tiny_spec)
     x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(4))
-    calls = []
-    original = megatron_layers.linear_with_grad_accumulation_and_async_allreduce
-
-    @functools.wraps(original)  # with its attributes: it keeps a 'warned' flag on itself
-    def recording(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(megatron_layers, "linear_with_grad_accumulation_and_async_allreduce", recording)
+    calls = record_calls(monkeypatch, "linear_with_grad_accumulation_and_async_allreduce")
     grads = []
     for linear in (ours, theirs):
         inputs = x.clone().requires_grad_(True)
