@@ -90,7 +90,8 @@ def reference_kernels() -> dict[str, Kernel]:
     """The plain-PyTorch implementations (megatron-core's own where it already computes exactly that)."""
     return {
         "rms_norm": Kernel("reference RMSNorm (fp32 statistics)", "aquila_npu.kernels.reference.RMSNorm"),
-        # packed sequences (thd) included: megatron-core's own refuses them without Transformer Engine
+        # packed sequences (thd) included: megatron-core's own refuses them without Transformer Engine; without
+        # autograd, grouped-query heads read the KV cache in place (megatron-core copies it, repeated, every step)
         "attention": Kernel("megatron-core DotProductAttention", "aquila_npu.kernels.megatron_core.DotProductAttention"),
         "rotary": Kernel("megatron-core rotate-half RoPE", None, {"apply_rope_fusion": False}),
         "swiglu": Kernel("megatron-core silu(gate) * up", None,

@@ -202,3 +202,67 @@ def test_a_world_keeps_the_kernels_it_was_made_with(megatron_world):
     assert distributed.initialize(kernels={"attention": fused}) is megatron_world  # the same choice: joins
     with pytest.raises(AquilaNpuError, match="initialised with other kernels"):
         distributed.initialize(kernels={"attention": not fused})
+
+
+def _core_attention_pair(spec, dtype):
+    """The reference path's core attention (ours) and megatron-core's ``DotProductAttention``, for ``spec`` in
+    ``dtype`` (neither has weights)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from aquila_npu.kernels import megatron_core
+
+    config = spec.transformer_config(use_cpu_initialization=True, params_dtype=dtype, bf16=dtype == torch.bfloat16)
+    return [cls(config, 1, AttnMaskType.causal, "self") for cls in (megatron_core.DotProductAttention,
+                                                                    DotProductAttention)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sq, sk, batch, padded", [(1, 37, 1, False), (1, 45, 3, True), (7, 7, 2, False),
+                                                    (5, 20, 3, True)])
+def test_megatron_core_attention_without_autograd_reads_grouped_kv_in_place(dtype, sq, sk, batch, padded, tiny_spec,
+                                                                           megatron_world, monkeypatch):
+    """Generation on the reference path (decode steps against a static KV cache, prefills, left-padded batches):
+    our ``DotProductAttention`` gives megatron-core's values without repeating the cache's key/value heads, which
+    megatron-core does at every step (a copy of the whole cache)."""
+    from aquila_npu.generate.batching import padding_mask
+
+    assert tiny_spec.num_attention_heads > tiny_spec.num_query_groups, "a grouped-query spec is what is tested"
+    ours, theirs = _core_attention_pair(tiny_spec, dtype)
+    generator = torch.Generator().manual_seed(sk)
+    heads, groups, d = tiny_spec.num_attention_heads, tiny_spec.num_query_groups, tiny_spec.kv_channels
+    # key/value: the first sk positions and `batch` rows of a larger cache [max_length, max_batch, groups, d]
+    cache_k, cache_v = (torch.randn(64, 4, groups, d, generator=generator).to(dtype) for _ in range(2))
+    key, value = cache_k[:sk, :batch], cache_v[:sk, :batch]
+    query = torch.randn(sq, batch, heads, d, generator=generator).to(dtype)
+    full = padding_mask([0, 2, 4][:batch] if padded else [0] * batch, sk, "cpu")
+    mask = full[:, :, sk - sq:]  # the last sq queries: the decode step's row
+    repeats = _count_calls(monkeypatch, torch.Tensor, "repeat_interleave")
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            repeats.clear()
+            out = ours(query, key, value, mask)
+            assert repeats == []
+            expected = theirs(query, key, value, mask)
+            assert len(repeats) == 2, "megatron-core repeats keys and values (what the check above would catch)"
+        assert out.shape == expected.shape == (sq, batch, heads * d)
+        # the same products, but BLAS may sum a matrix-vector product in another order than megatron-core's
+        # (queries stacked per group): equal to within a rounding
+        torch.testing.assert_close(out, expected)
+
+
+def test_megatron_core_attention_with_autograd_is_megatron_cores(tiny_spec, megatron_world):
+    """Training goes through megatron-core's own forward: the same outputs and input gradients, bit for bit."""
+    from kernel_checks import attention_inputs
+
+    ours, theirs = _core_attention_pair(tiny_spec, torch.float32)
+    inputs = attention_inputs(9, 3, tiny_spec.num_attention_heads, tiny_spec.num_query_groups,
+                              tiny_spec.kv_channels, padded=True, seed=5)
+    results = []
+    for module in (ours, theirs):
+        q, k, v = (x.clone().requires_grad_() for x in inputs[:3])
+        out = module(q, k, v, inputs[3])
+        out.backward(torch.ones_like(out))
+        results.append((out, q.grad, k.grad, v.grad))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
