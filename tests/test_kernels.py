@@ -236,7 +236,7 @@ def test_megatron_core_attention_without_autograd_reads_grouped_kv_in_place(dtyp
     key, value = cache_k[:sk, :batch], cache_v[:sk, :batch]
     query = torch.randn(sq, batch, heads, d, generator=generator).to(dtype)
     full = padding_mask([0, 2, 4][:batch] if padded else [0] * batch, sk, "cpu")
-    mask = full[:, :, sk - sq:]  # the last sq queries: the decode step's row
+    mask = full[:, :, sk - sq:]  # the rows of the last sq queries (one at a decode step)
     repeats = _count_calls(monkeypatch, torch.Tensor, "repeat_interleave")
     for mode in (torch.no_grad, torch.inference_mode):
         with mode():
