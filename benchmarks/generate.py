@@ -189,8 +189,10 @@ def main() -> None:
     steps = []
     for name in args.models.split(","):
         spec = tiny if name == "aquila2-tiny" else tiny.replace(**SIZES[name])
-        if args.decode_step:  # room for the longest cache and its 40 new tokens
-            positions = max(int(c) for c in args.cache_lengths.split(",")) + 64
+        # room for the longest cache and its 40 new tokens, or for the longest prompt and --new-tokens
+        positions = max(int(c) for c in args.cache_lengths.split(",")) + 64 if args.decode_step else \
+            max(len(tokenizer(t).input_ids) + 1 for t in texts) + args.new_tokens
+        if positions > spec.max_position_embeddings:
             spec = spec.replace(seq_length=positions, max_position_embeddings=positions)
         folder = tempfile.mkdtemp(prefix="generate-bench-")
         parity.save_random_hf_model(spec, folder)
