@@ -185,13 +185,14 @@ def main() -> None:
     # --fused-kernels: every fused kernel the device has; otherwise the device's defaults
     kernels = {op: True for op in plugins.fused_kernels(plugins.select_device(args.device))} \
         if args.fused_kernels else None
+    # positions each model needs: room for the longest cache and its 40 new tokens, or for the longest prompt
+    # (BOS and its text, as both sides get it) and --new-tokens
+    positions = (max(int(c) for c in args.cache_lengths.split(",")) + 64 if args.decode_step else
+                 1 + max(len(tokenizer(t, add_special_tokens=False).input_ids) for t in texts) + args.new_tokens)
     rows = []
     steps = []
     for name in args.models.split(","):
         spec = tiny if name == "aquila2-tiny" else tiny.replace(**SIZES[name])
-        # room for the longest cache and its 40 new tokens, or for the longest prompt and --new-tokens
-        positions = max(int(c) for c in args.cache_lengths.split(",")) + 64 if args.decode_step else \
-            max(len(tokenizer(t).input_ids) + 1 for t in texts) + args.new_tokens
         if positions > spec.max_position_embeddings:
             spec = spec.replace(seq_length=positions, max_position_embeddings=positions)
         folder = tempfile.mkdtemp(prefix="generate-bench-")
